@@ -1,0 +1,912 @@
+"""
+OAR: learned generation orders for autoregressive image models, in one file.
+
+Paper: "Distilling semantically aware orders for autoregressive image generation" (Pramanik et al.,
+arXiv 2504.17069). One transformer is trained to generate image patches in *any* order (it is told where
+the next patch goes); it then finds, for every training image, the order in which that image's patches are
+easiest to predict; it is fine-tuned on those orders; and at sampling time it picks, step by step, the free
+position it is most sure of. Sections below follow the paper (PAPER.md in the project notes):
+
+    data and tokens -> 1. dual positional encoding (the model) -> 2. any-order training
+    -> 3. order extraction -> 4. fine-tuning -> 5. sampling (6. burst scoring lives in the model) -> CLI
+"""
+import argparse
+import gzip
+import math
+import os
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import vqgan
+
+
+class OARError(Exception):
+    """A problem the user can fix (missing data, wrong checkpoint, ...): printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- data: Fashion-MNIST, image folders
+
+FMNIST_DIRS = ['./data/fashion-mnist', '/usr/share/datasets/fashion-mnist']
+FMNIST_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+                'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp')
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format: magic 0 0 8 ndim, big-endian dims, then unsigned bytes), .gz or not."""
+    try:
+        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise OARError(f"cannot read {path}: {e}")
+    if len(raw) < 4 or raw[:3] != b'\x00\x00\x08':
+        raise OARError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = struct.unpack(f'>{ndim}I', raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(dims):
+        raise OARError(f"{path} is truncated: {data.size} bytes for shape {dims}")
+    return data.reshape(dims)
+
+
+def find_idx_dir(data_dir):
+    """The first folder holding the Fashion-MNIST files: --data, ./data/fashion-mnist, the Debian package's."""
+    for d in ([data_dir] if data_dir else FMNIST_DIRS):
+        if all(_idx_path(d, name) for name in FMNIST_FILES['train'] + FMNIST_FILES['test']):
+            return d
+    return None
+
+
+def _idx_path(folder, name):
+    for p in (os.path.join(folder, name + '.gz'), os.path.join(folder, name)):
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def list_image_folder(folder):
+    """Image paths under `folder` (recursive, sorted) and their class: the index of the first-level sub-folder."""
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
+                   if f.lower().endswith(IMAGE_EXTS))
+    classes = sorted({os.path.relpath(p, folder).split(os.sep)[0] for p in paths if os.sep in os.path.relpath(p, folder)})
+    labels = [classes.index(os.path.relpath(p, folder).split(os.sep)[0]) if os.sep in os.path.relpath(p, folder) else 0
+              for p in paths]
+    return paths, labels, classes
+
+
+def load_images(paths, size):
+    """Centre-crop to square, resize to size x size, RGB. Returns (uint8 (n, 3, size, size), kept index, n_bad)."""
+    out, kept = [], []
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im = im.convert('RGB')
+                s = min(im.size)
+                left, top = (im.width - s) // 2, (im.height - s) // 2
+                im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+                out.append(np.asarray(im).transpose(2, 0, 1))
+                kept.append(i)
+        except Exception:  # a corrupt or unreadable file is counted and skipped, never a crash mid-way
+            pass
+    imgs = torch.from_numpy(np.stack(out)) if out else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    return imgs, kept, len(paths) - len(kept)
+
+
+def load_dataset(data_dir, image_size):
+    """Fashion-MNIST (IDX files) or a folder of images -> dict of uint8 image tensors (n, C, H, W) and labels.
+    An image folder has no test split: a seeded 5% of it is held out (our decision; the paper is silent)."""
+    idx_dir = find_idx_dir(data_dir)
+    if idx_dir:
+        ds = dict(name='fashion-mnist', classes=['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
+                                                 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'])
+        for split, (img_name, lab_name) in FMNIST_FILES.items():
+            imgs = torch.from_numpy(read_idx(_idx_path(idx_dir, img_name)).copy())[:, None]  # (n, 1, 28, 28)
+            if image_size and image_size != imgs.shape[-1]:
+                imgs = F.interpolate(imgs.float(), size=image_size, mode='bilinear', antialias=True)
+                imgs = imgs.round().clamp(0, 255).to(torch.uint8)
+            ds[split] = imgs
+            ds[split + '_labels'] = torch.from_numpy(read_idx(_idx_path(idx_dir, lab_name)).astype(np.int64))
+        return ds
+    if data_dir and os.path.isdir(data_dir):
+        paths, labels, classes = list_image_folder(data_dir)
+        if paths:
+            size = image_size or 256
+            imgs, kept, bad = load_images(tqdm(paths, desc=f'reading {data_dir}'), size)
+            if bad:
+                print(f"skipped {bad} unreadable image file(s) in {data_dir}")
+            if len(imgs) < 2:
+                raise OARError(f"{data_dir} holds fewer than 2 readable images")
+            labels = torch.tensor(labels)[kept]
+            perm = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(0))
+            n_test = max(1, len(imgs) // 20)
+            te, tr = perm[:n_test], perm[n_test:]
+            return dict(name=os.path.abspath(data_dir), classes=classes, train=imgs[tr], train_labels=labels[tr],
+                        test=imgs[te], test_labels=labels[te])
+    searched = data_dir or ', '.join(FMNIST_DIRS)
+    raise OARError(f"no data found (searched {searched}): install Fashion-MNIST with "
+                   f"'apt-get install dataset-fashion-mnist', or pass --data DIR (IDX files or a folder of images)")
+
+
+def to_unit(imgs):
+    """uint8 [0, 255] -> float [-1, 1], the range every tokenizer takes."""
+    return imgs.float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------- tokens: computed once, then cached
+
+def tokens_path(args):
+    return os.path.join(args.out, 'tokens.pt')
+
+
+def load_tokens(args, build=True):
+    """The token cache of --out (PAPER.md section 2: training reads cached tokens only). Built on first use.
+    Returns dict(meta, train, train_labels, test, test_labels) with codes (n, H, W) int64."""
+    path = tokens_path(args)
+    if os.path.exists(path):
+        cache = torch.load(path, weights_only=True)
+        meta, tok = cache['meta'], cache['meta']['tokenizer']
+        asked = dict(kind=args.tokenizer, patch=args.patch, codebook_size=args.codebook_size)
+        clash = [f"{k}={v} (cache: {tok.get(k)})" for k, v in asked.items() if v is not None and v != tok.get(k)]
+        if args.image_size and args.image_size != meta['image_size']:
+            clash.append(f"image_size={args.image_size} (cache: {meta['image_size']})")
+        if clash:
+            raise OARError(f"{path} was made with another tokenizer or grid: {', '.join(clash)}; "
+                           f"use the flags it was made with, another --out, or delete it")
+        return {k: (v.long() if k in ('train', 'test') else v) for k, v in cache.items()}
+    if not build:
+        raise OARError(f"no token cache at {path}: run 'python oar.py tokenize --out {args.out}' first")
+    return tokenize(args)
+
+
+def load_tokenizer(args):
+    path = os.path.join(args.out, 'tokenizer.pt')
+    if not os.path.exists(path):
+        raise OARError(f"no tokenizer at {path}: run 'python oar.py tokenize --out {args.out}' first")
+    return vqgan.load_tokenizer(torch.load(path, weights_only=True))
+
+
+def tokenize(args):
+    """Fit the tokenizer on the training images, encode train and test, cache both (and the tokenizer)."""
+    os.makedirs(args.out, exist_ok=True)
+    ds = load_dataset(args.data, args.image_size)
+    if (args.tokenizer or 'kmeans') != 'kmeans':
+        raise OARError(f"unknown --tokenizer {args.tokenizer}")
+    t0 = time.time()
+    tok = vqgan.KMeansTokenizer.fit(to_unit(ds['train']), patch=args.patch or 4,
+                                    codebook_size=args.codebook_size or 256, seed=args.seed)
+    save_atomic(tok.state_dict(), os.path.join(args.out, 'tokenizer.pt'))
+    cache = {}
+    for split in ('train', 'test'):
+        codes = torch.cat([tok.encode(to_unit(ds[split][i:i + 4096]))
+                           for i in tqdm(range(0, len(ds[split]), 4096), desc=f'tokenizing {split}')])
+        cache[split], cache[split + '_labels'] = codes.to(torch.int16), ds[split + '_labels']
+    recon = tok.decode(cache['test'][:2000].long())
+    mse = F.mse_loss((recon + 1) / 2, to_unit(ds['test'][:2000]).add(1).div(2)).item()
+    H, W = cache['train'].shape[1:]
+    cache['meta'] = dict(data=ds['name'], classes=ds['classes'], image_size=ds['train'].shape[-1],
+                         tokenizer=tok.describe(), grid=[H, W], vocab=len(tok.codebook))
+    save_atomic(cache, tokens_path(args))
+    print(f"tokenized {len(cache['train'])} train + {len(cache['test'])} test images into {H}x{W} codes "
+          f"(K={len(tok.codebook)}) in {time.time() - t0:.0f}s; test PSNR {10 * math.log10(1 / max(mse, 1e-10)):.1f} dB; "
+          f"unigram entropy {unigram_entropy(cache['train']):.2f} bits/token -> {tokens_path(args)}")
+    return {k: (v.long() if k in ('train', 'test') else v) for k, v in cache.items()}
+
+
+def unigram_entropy(codes):
+    """Entropy of the code histogram in bits: what a model that ignores all context would reach."""
+    p = torch.bincount(codes.flatten().long()).double()
+    p = p[p > 0] / p.sum()
+    return -(p * p.log2()).sum().item()
+
+
+# ----------------------------------------------------------------------------- 1. the model: dual positional encoding
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256         # K: codebook size of the tokenizer
+    grid_h: int = 7               # H: rows of the code grid
+    grid_w: int = 7               # W: columns of the code grid (N = H * W positions)
+    n_layer: int = 4              # transformer blocks
+    n_head: int = 4               # attention heads
+    n_embd: int = 128             # channels
+    dropout: float = 0.0          # dropout in attention, MLP and embeddings
+    next_pos: str = 'relative'    # where-the-next-token-goes embedding: 'relative' (grid offset, the paper's) or 'absolute' (sigma-GPT's)
+    n_class: int = 0              # classes for class-conditional START tokens (0: unconditional)
+
+    @property
+    def n_pos(self):
+        return self.grid_h * self.grid_w
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
+        if cache is None:  # the whole sequence at once, causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0)
+        else:  # burst: T candidates, each a length-one query that sees the cached prefix and itself, not the others
+            kc, vc = cache.prefix(layer)  # (B, nh, L, hs) views into the pre-allocated cache: never copied
+            cache.stash(layer, k, v)      # the chosen candidate's k, v become the cache's next row
+            att_prefix = q @ kc.transpose(-2, -1)                  # (B, nh, T, L)
+            att_self = (q * k).sum(-1, keepdim=True)               # (B, nh, T, 1)
+            att = (torch.cat([att_prefix, att_self], -1) * (k.size(-1) ** -0.5)).softmax(-1)
+            L = kc.size(2)
+            y = att[..., :L] @ vc + att[..., L:] * v              # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm GPT block."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of the generated prefix, pre-allocated for all N steps and written by index."""
+
+    def __init__(self, cfg, B, device, dtype):
+        hs = cfg.n_embd // cfg.n_head
+        self.k = torch.zeros(cfg.n_layer, B, cfg.n_head, cfg.n_pos, hs, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0                                   # rows written so far = inputs already fed
+        self.fresh = [[] for _ in range(cfg.n_layer)]  # this step's candidate (k, v), chunk by chunk
+
+    def prefix(self, layer):
+        return self.k[layer, :, :, :self.len], self.v[layer, :, :, :self.len]
+
+    def stash(self, layer, k, v):
+        self.fresh[layer].append((k, v))
+
+    def commit(self, pick):
+        """Write the k, v of candidate `pick` (B,) of this step as the next row, for every layer."""
+        for layer, chunks in enumerate(self.fresh):
+            k, v = (torch.cat(t, 2) for t in zip(*chunks))     # (B, nh, K, hs)
+            i = pick.view(-1, 1, 1, 1).expand(-1, k.size(1), 1, k.size(3))
+            self.k[layer, :, :, self.len] = k.gather(2, i)[:, :, 0]
+            self.v[layer, :, :, self.len] = v.gather(2, i)[:, :, 0]
+        self.len += 1
+        self.fresh = [[] for _ in self.fresh]
+
+
+class OAR(nn.Module):
+    """A decoder-only transformer that is told, at every step, where the next token goes."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, W, C = cfg.grid_h, cfg.grid_w, cfg.n_embd
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.start = nn.Embedding(cfg.n_class + 1, C)  # START token: one per class, the last row unconditional
+        self.pos_emb = nn.Embedding(cfg.n_pos + 1, C)  # absolute position of the current token; row N = START's virtual centre
+        n_next = (2 * H - 1) * (2 * W - 1) if cfg.next_pos == 'relative' else cfg.n_pos
+        self.next_emb = nn.Embedding(n_next, C)        # where the next token goes: grid offset (relative) or cell (absolute)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        self.head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled down with depth
+            if name.endswith('c_proj.weight') or name.endswith('mlp.2.weight'):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def next_index(self, cur, nxt):
+        """Row of next_emb for a step from position `cur` (N = the virtual centre) to position `nxt`."""
+        if self.cfg.next_pos == 'absolute':
+            return nxt
+        H, W = self.cfg.grid_h, self.cfg.grid_w
+        cy = torch.where(cur == H * W, H // 2, cur // W)
+        cx = torch.where(cur == H * W, W // 2, cur % W)
+        dy, dx = nxt // W - cy, nxt % W - cx                   # each in [-(H-1), H-1] x [-(W-1), W-1]
+        return (dy + H - 1) * (2 * W - 1) + (dx + W - 1)
+
+    def embed(self, prev, cur, nxt, labels=None):
+        """Input at each step (PAPER.md section 1): token embedding of the current token (START where prev < 0)
+        + absolute embedding of its position `cur` + embedding of where the next token goes, `nxt`. (B, T) each."""
+        B = prev.shape[0]
+        if labels is None:
+            labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=prev.device)
+        tok = torch.where((prev < 0)[..., None], self.start(labels)[:, None], self.tok_emb(prev.clamp(min=0)))
+        return self.drop(tok + self.pos_emb(cur) + self.next_emb(self.next_index(cur, nxt)))
+
+    def forward(self, codes, order, labels=None):
+        """codes (B, N) in raster index, order (B, T) a (prefix of a) permutation per sample.
+        Returns logits (B, T, V): logits[:, t] predicts codes[order[:, t]]."""
+        B, T = order.shape
+        x_ord = codes.gather(1, order)                                          # tokens in generation order
+        start = torch.full((B, 1), -1, dtype=torch.long, device=codes.device)
+        centre = torch.full((B, 1), self.cfg.n_pos, dtype=torch.long, device=codes.device)
+        prev = torch.cat([start, x_ord[:, :-1]], 1)                             # [START, x[s0], ..., x[s(T-2)]]
+        cur = torch.cat([centre, order[:, :-1]], 1)                             # where each of those sits
+        x = self.embed(prev, cur, order, labels)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def burst(self, prev, cur, cand, cache, labels=None, chunk=None):
+        """Logits for every candidate next position at once (PAPER.md section 6). prev, cur (B,): the last token
+        and its position; cand (B, K): candidate next positions. Candidates differ only in the next-position
+        embedding, so each is one length-one query against the shared KV cache. Returns (B, K, V)."""
+        B, K = cand.shape
+        chunk = chunk or K
+        out = []
+        for i in range(0, K, chunk):  # chunks of candidates bound the memory of one forward
+            c = cand[:, i:i + chunk]
+            x = self.embed(prev[:, None].expand_as(c), cur[:, None].expand_as(c), c, labels)  # (B, k, C)
+            for layer, block in enumerate(self.blocks):
+                x = block(x, cache, layer)
+            out.append(self.head(self.ln_f(x)))
+        return torch.cat(out, 1)
+
+
+# ----------------------------------------------------------------------------- orders and their statistics
+
+def raster_orders(B, N, device='cpu'):
+    return torch.arange(N, device=device).expand(B, N)
+
+
+def random_orders(B, N, generator=None, device='cpu'):
+    """A uniformly random permutation per sample."""
+    return torch.rand(B, N, generator=generator).argsort(1).to(device)
+
+
+def grid_distance(a, b, W):
+    """Euclidean distance on the grid between positions a and b (broadcasting)."""
+    return torch.hypot((a // W - b // W).float(), (a % W - b % W).float())
+
+
+def mean_jump(order, W):
+    """Mean Euclidean grid distance between consecutive positions of the orders (B, N): the paper's locality measure."""
+    return grid_distance(order[:, 1:], order[:, :-1], W).mean().item()
+
+
+# ----------------------------------------------------------------------------- 2. any-order training
+
+def order_loss(model, codes, order, labels=None):
+    """Mean cross-entropy over all targets when `codes` are generated in `order` (nats per token)."""
+    logits = model(codes, order, labels)
+    return F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
+
+
+def make_orders(kind, idx, N, generator, orders=None):
+    """Orders for a batch of images `idx`: raster, fresh random, or the extracted order of each image."""
+    if kind == 'raster':
+        return raster_orders(len(idx), N)
+    if kind == 'any':
+        return random_orders(len(idx), N, generator)
+    return orders[idx]
+
+
+@torch.no_grad()
+def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1234):
+    """Bits per token on held-out codes under an order kind, with seeded random orders so runs compare."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, len(codes), batch):
+        idx = torch.arange(i, min(i + batch, len(codes)))
+        order = make_orders(kind, idx, codes.shape[1], g, orders).to(dev)
+        with autocast(dev):
+            total += order_loss(model, codes[idx].to(dev), order,
+                                None if labels is None else labels[idx].to(dev)).item() * len(idx)
+    return total / len(codes) / math.log(2)
+
+
+def lr_at(step, args):
+    """Linear warm-up, then cosine decay to --min-lr."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (args.lr - args.min_lr)
+
+
+def train(args):
+    """`train --order any|raster` and `finetune` (order 'extracted'): one loop."""
+    data = load_tokens(args)
+    dev = pick_device(args.device)
+    codes = data['train'].flatten(1)                            # (n, N)
+    test = data['test'].flatten(1)[:args.eval_n]
+    H, W = data['meta']['grid']
+    orders = test_orders = None
+    if args.order == 'extracted':
+        of = load_orders(args.orders, data['meta'])
+        orders, test_orders = of['orders'][:of['done']].long(), of['test_orders'].long()
+        codes, test = codes[:len(orders)], data['test'].flatten(1)[:len(test_orders)]
+    if args.order == 'extracted':  # fine-tuning starts from the any-order model, with a fresh optimizer
+        init = load_checkpoint(args.init, data['meta'])
+        cfg = GPTConfig(**init['config'])
+    else:
+        cfg = GPTConfig(vocab_size=data['meta']['vocab'], grid_h=H, grid_w=W, n_layer=args.n_layer,
+                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, next_pos=args.next_pos)
+    step, ckpt = 0, None
+    if os.path.exists(args.ckpt):
+        if not args.resume:
+            raise OARError(f"{args.ckpt} exists: pass --resume to continue it, or choose another --ckpt")
+        ckpt = load_checkpoint(args.ckpt, data['meta'], cfg)
+        step = ckpt['step']
+    torch.manual_seed(args.seed)  # the initial weights
+    model = OAR(cfg).to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=args.lr, betas=(0.9, 0.95), fused=dev.type == 'cuda')
+    if ckpt:
+        model.load_state_dict(ckpt['model'])
+        opt.load_state_dict(ckpt['optim'])
+    elif args.order == 'extracted':
+        model.load_state_dict(init['model'])
+    fwd = torch.compile(model) if args.compile else model
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.order} order: {n_params / 1e6:.2f}M parameters, {len(codes)} images of {H}x{W} codes, device {dev}")
+
+    def save(step):
+        save_atomic(dict(model=model.state_dict(), optim=opt.state_dict(), config=asdict(cfg), step=step,
+                         order=args.order, tokens=tokens_id(data['meta'])), args.ckpt)
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
+    t0, tokens_seen, bar = time.time(), 0, tqdm(total=args.steps, initial=step, desc=f'train {args.order}')
+    try:
+        while step < args.steps:
+            if step % args.eval_every == 0 or step == args.steps - 1:
+                bits = heldout_bits(model, test, args.order, orders=test_orders)
+                bar.write(f"step {step}: held-out {bits:.3f} bits/token ({args.order} order)")
+            model.train()
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # batch of step s is a function of s: exact resume
+            idx = torch.randint(len(codes), (args.batch_size,), generator=g)
+            order = make_orders(args.order, idx, cfg.n_pos, g, orders).to(dev)
+            for group in opt.param_groups:
+                group['lr'] = lr_at(step, args)
+            with autocast(dev):
+                loss = order_loss(fwd, codes[idx].to(dev), order)
+            if not torch.isfinite(loss):
+                raise OARError(f"loss is {loss.item()} at step {step}: lower --lr; the last good checkpoint is {args.ckpt}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            step += 1
+            tokens_seen += args.batch_size * cfg.n_pos
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss.item() / math.log(2):.3f} bits')
+            if step % args.save_every == 0:
+                save(step)
+    except KeyboardInterrupt:
+        save(step)
+        bar.close()
+        print(f"\ninterrupted at step {step}: saved {args.ckpt}; rerun the same command with --resume to continue")
+        raise SystemExit(130)
+    bar.close()
+    save(step)
+    if tokens_seen:
+        dt = time.time() - t0
+        print(f"{tokens_seen / dt:,.0f} training tokens/s ({dt:.0f}s on {dev})")
+    bits = heldout_bits(model, test, args.order, orders=test_orders)
+    print(f"final held-out {bits:.3f} bits/token ({args.order} order); "
+          f"unigram entropy {unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
+    return model
+
+
+# ----------------------------------------------------------------------------- 3 and 5. the one autoregressive loop
+
+@torch.no_grad()
+def generate(model, B, order=None, teacher=None, score='confidence', lam=0.0, temperature=1.0, top_k=0,
+             pos_temperature=0.0, chunk=None, labels=None, generator=None, naive=False, progress=False):
+    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order), (B, N).
+
+    - fixed `order` (B, N): raster or random sampling, the position of each step is given;
+    - otherwise every free position is scored (burst), `score(j) - lam * d(cur, j)`, and the best one taken
+      (or one sampled at `pos_temperature`): OAR sampling (PAPER.md section 5), or with `teacher` codes and
+      `score='likelihood'`, teacher-forced order extraction (section 3).
+    `naive` recomputes the full prefix for every candidate instead of using the KV cache (for benchmarks)."""
+    cfg, dev = model.cfg, next(model.parameters()).device
+    N, W = cfg.n_pos, cfg.grid_w
+    cache = KVCache(cfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
+    codes = teacher.clone().to(dev) if teacher is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
+    chosen = torch.zeros(B, N, dtype=torch.long, device=dev)
+    free = torch.ones(B, N, dtype=torch.bool, device=dev)
+    prev = torch.full((B,), -1, device=dev)  # START
+    cur = torch.full((B,), N, device=dev)    # START's virtual centre
+    rows = torch.arange(B, device=dev)
+    for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
+        cand = order[:, t:t + 1].to(dev) if order is not None else free.nonzero()[:, 1].view(B, N - t)  # (B, K)
+        with autocast(dev):
+            if naive:
+                K = cand.size(1)
+                prefix = torch.cat([chosen[:, :t, None].expand(B, t, K), cand[:, None]], 1)  # (B, t+1, K)
+                logits = model(codes.repeat_interleave(K, 0), prefix.permute(0, 2, 1).reshape(B * K, t + 1),
+                               None if labels is None else labels.repeat_interleave(K))[:, -1].view(B, K, -1)
+            else:
+                logits = model.burst(prev, cur, cand, cache, labels, chunk)               # (B, K, V)
+        logits = logits.float()
+        if cand.size(1) == 1:
+            pick = torch.zeros(B, dtype=torch.long, device=dev)
+        else:
+            logp = logits.log_softmax(-1)
+            if score == 'likelihood':  # log p of the true token at each candidate (needs the teacher)
+                s = logp.gather(2, codes.gather(1, cand)[..., None])[..., 0]
+            else:                      # the model's own confidence: log max_v p(v)
+                s = logp.max(-1).values
+            if t > 0 and lam:
+                s = s - lam * grid_distance(cur[:, None], cand, W)
+            pick = s.argmax(1) if pos_temperature == 0 else \
+                torch.multinomial((s / pos_temperature).softmax(1), 1, generator=generator)[:, 0]
+        pos = cand[rows, pick]
+        if teacher is None:
+            codes[rows, pos] = sample_token(logits[rows, pick], temperature, top_k, generator)
+        if not naive:
+            cache.commit(pick)
+        chosen[:, t], free[rows, pos] = pos, False
+        prev, cur = codes[rows, pos], pos
+    return codes, chosen
+
+
+def sample_token(logits, temperature=1.0, top_k=0, generator=None):
+    """One token per row of logits (B, V): greedy at temperature 0, else softmax sampling, optionally top-k."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.size(-1)), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu() if generator is not None else probs, 1, generator=generator)[:, 0].to(logits.device)
+
+
+# ----------------------------------------------------------------------------- 3. order extraction
+
+def load_orders(path, meta):
+    if not os.path.exists(path):
+        raise OARError(f"no orders at {path}: run 'python oar.py extract' first")
+    of = torch.load(path, weights_only=True)
+    if of['tokens'] != tokens_id(meta):
+        raise OARError(f"{path} was extracted from other tokens than this --out holds: extract again")
+    return of
+
+
+def extract(args):
+    """Teacher-forced greedy order for every training image (or the first --n), resumable chunk by chunk,
+    then a held-out report: bits per token and mean jump under extracted, random and raster orders."""
+    data = load_tokens(args, build=False)
+    dev = pick_device(args.device)
+    model = load_model(args.ckpt, data['meta'], dev)
+    W = model.cfg.grid_w
+    codes = data['train'].flatten(1)
+    n = min(args.n or len(codes), len(codes))
+    setting = dict(ckpt=os.path.abspath(args.ckpt), lam=args.lam, score=args.score, n=n)
+    of = None
+    if os.path.exists(args.orders):
+        of = torch.load(args.orders, weights_only=True)
+        if of.get('setting') != setting or of['tokens'] != tokens_id(data['meta']):
+            raise OARError(f"{args.orders} holds orders of another extraction ({of.get('setting')}): "
+                           f"delete it or pass another --orders")
+        if of['done'] == n:
+            print(f"{args.orders} is already complete ({n} orders)")
+    if of is None:
+        of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), done=0, setting=setting,
+                  tokens=tokens_id(data['meta']))
+    t0 = time.time()
+    try:
+        bar = tqdm(total=n, initial=of['done'], desc='extract', unit='img')
+        while of['done'] < n:
+            i = of['done']
+            j = min(i + args.batch_size, n)
+            _, order = generate(model, j - i, teacher=codes[i:j], score=args.score, lam=args.lam, chunk=args.chunk,
+                                naive=args.naive)
+            of['orders'][i:j] = order.cpu().to(torch.int16)
+            of['done'] = j
+            if j == n or (j // args.batch_size) % args.save_every == 0:
+                save_atomic(of, args.orders)  # a crash keeps every finished chunk
+            bar.update(j - i)
+        bar.close()
+    except KeyboardInterrupt:
+        save_atomic(of, args.orders)
+        print(f"\ninterrupted: {of['done']} of {n} orders saved in {args.orders}; rerun to continue")
+        raise SystemExit(130)
+    if time.time() - t0 > 1:
+        print(f"extracted {n} orders in {time.time() - t0:.0f}s ({n / (time.time() - t0):.1f} images/s)")
+    # held-out report: the same extraction on test images, then their bits per token under each order kind
+    test = data['test'].flatten(1)[:args.eval_n]
+    if 'test_orders' not in of:
+        _, test_orders = generate(model, len(test), teacher=test, score=args.score, lam=args.lam, chunk=args.chunk,
+                                  progress=True)
+        of['test_orders'] = test_orders.cpu().to(torch.int16)
+        save_atomic(of, args.orders)
+    print(order_report(model, test, of['test_orders'].long(), of['orders'][:of['done']].long()))
+    print(f"saved {args.orders}")
+
+
+def order_report(model, test, test_orders, train_orders=None):
+    """Markdown table: held-out bits/token and mean jump under extracted, random and raster orders."""
+    W = model.cfg.grid_w
+    g = torch.Generator().manual_seed(1234)
+    rows = [('extracted', heldout_bits(model, test, 'extracted', orders=test_orders), mean_jump(test_orders, W)),
+            ('random', heldout_bits(model, test, 'any'), mean_jump(random_orders(len(test), test.shape[1], g), W)),
+            ('raster', heldout_bits(model, test, 'raster'), mean_jump(raster_orders(1, test.shape[1]), W))]
+    lines = [f"held-out ({len(test)} test images)", '| order | bits/token | mean jump |', '|---|---|---|']
+    lines += [f'| {name} | {bits:.3f} | {jump:.2f} |' for name, bits, jump in rows]
+    if train_orders is not None:
+        lines.append(f"mean jump of the {len(train_orders)} extracted training orders: {mean_jump(train_orders, W):.2f}")
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- 5. sampling and pictures
+
+def sample(args):
+    data = load_tokens(args, build=False)
+    tok = load_tokenizer(args)
+    dev = pick_device(args.device)
+    model = load_model(args.ckpt, data['meta'], dev)
+    N, (H, W) = model.cfg.n_pos, data['meta']['grid']
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    codes, orders = [], []
+    t0 = time.time()
+    for i in tqdm(range(0, args.n, args.batch_size), desc=f'sample {args.order}'):
+        b = min(args.batch_size, args.n - i)
+        order = {'raster': raster_orders(b, N), 'random': random_orders(b, N, g), 'oar': None}[args.order]
+        c, o = generate(model, b, order=order, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
+                        pos_temperature=args.pos_temperature, chunk=args.chunk, generator=g)
+        codes.append(c.cpu())
+        orders.append(o.cpu())
+    codes, orders = torch.cat(codes), torch.cat(orders)
+    dt = time.time() - t0
+    images = tok.decode(codes.view(-1, H, W))
+    stem = args.png or os.path.join(args.out, f"samples_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{args.order}")
+    stem = stem[:-4] if stem.endswith('.png') else stem
+    save_grid(images, stem + '.png')
+    save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
+    save_generation_gif(tok, codes[0], orders[0], H, W, stem + '.gif')
+    print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} images/s); mean jump {mean_jump(orders, W):.2f}")
+    print(f"saved {stem}.png, {stem}_orders.png, {stem}.gif")
+    return codes, orders
+
+
+def to_pil(images, scale=1):
+    """(B, C, H, W) in [-1, 1] -> list of RGB PIL images, each enlarged `scale` times."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()).resize((a.shape[2] * scale, a.shape[1] * scale), Image.NEAREST)
+            for a in x]
+
+
+def save_grid(images, path, nrow=None, scale=None):
+    """A PNG grid of images (B, C, H, W) in [-1, 1]; small images are enlarged so they can be seen."""
+    scale = scale or max(1, 128 // images.shape[-1])
+    tiles = to_pil(images, scale)
+    nrow = nrow or math.ceil(math.sqrt(len(tiles)))
+    w, h = tiles[0].size
+    rows = math.ceil(len(tiles) / nrow)
+    grid = Image.new('RGB', (nrow * (w + 2) + 2, rows * (h + 2) + 2), 'white')
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, (2 + (i % nrow) * (w + 2), 2 + (i // nrow) * (h + 2)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+
+
+VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+def order_map(order, H, W):
+    """(N,) order -> (3, H, W) image in [-1, 1]: colour = the step at which each cell was generated (dark = early)."""
+    step = torch.empty(H * W)
+    step[order] = torch.arange(H * W, dtype=torch.float)
+    t = step.numpy() / max(1, H * W - 1) * (len(VIRIDIS) - 1)
+    lo = np.floor(t).astype(int).clip(0, len(VIRIDIS) - 2)
+    rgb = VIRIDIS[lo] + (t - lo)[:, None] * (VIRIDIS[lo + 1] - VIRIDIS[lo])
+    return torch.from_numpy(rgb.T.reshape(3, H, W) / 127.5 - 1).float()
+
+
+def save_order_figure(images, orders, H, W, path):
+    """Each image beside its order map, one pair per row-cell of a grid."""
+    S = images.shape[-1]
+    maps = torch.stack([F.interpolate(order_map(o, H, W)[None], size=S, mode='nearest')[0] for o in orders])
+    pairs = torch.stack([images.expand(-1, 3, -1, -1), maps], 1).flatten(0, 1)  # image, map, image, map, ...
+    save_grid(pairs, path, nrow=2 * min(4, len(images)))
+
+
+def save_generation_gif(tok, codes, order, H, W, path, frames=49):
+    """An animated GIF of one image filling in, patch by patch, in its generation order."""
+    N = H * W
+    image = tok.decode(codes.view(1, H, W))[0]
+    S, f = image.shape[-1], image.shape[-1] // H
+    ticks = sorted(set(np.linspace(0, N, min(frames, N) + 1).astype(int).tolist()))
+    pics = []
+    for t in ticks:
+        shown = torch.zeros(N)
+        shown[order[:t]] = 1
+        mask = F.interpolate(shown.view(1, 1, H, W), scale_factor=f, mode='nearest')[0]
+        pics.append(to_pil((image * mask)[None], scale=max(1, 256 // S))[0])
+    pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=80, loop=0)
+
+
+# ----------------------------------------------------------------------------- checkpoints and devices
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def tokens_id(meta):
+    """What a checkpoint or orders file must share with the token cache: tokenizer id, grid, vocabulary."""
+    return f"{meta['tokenizer']['id']}:{meta['grid'][0]}x{meta['grid'][1]}:{meta['vocab']}"
+
+
+def load_checkpoint(path, meta, cfg=None):
+    """Read one of our checkpoints (weights_only: no pickle code can run), checking it fits the tokens and `cfg`."""
+    if not os.path.exists(path):
+        raise OARError(f"no checkpoint at {path}: train one first (python oar.py train)")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise OARError(f"{path} is not a readable OAR checkpoint ({type(e).__name__}): delete it or pass another")
+    if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
+        raise OARError(f"{path} is not an OAR checkpoint")
+    if ckpt['tokens'] != tokens_id(meta):
+        raise OARError(f"{path} was trained on other tokens ({ckpt['tokens']}) than {tokens_path_hint(meta)} "
+                       f"({tokens_id(meta)}): use the --out it was trained in")
+    if cfg is not None and ckpt['config'] != asdict(cfg):
+        diff = ', '.join(f"{k}={v} (flags: {asdict(cfg)[k]})" for k, v in ckpt['config'].items() if asdict(cfg).get(k) != v)
+        raise OARError(f"{path} comes from another config: {diff}; pass matching flags or another --ckpt")
+    return ckpt
+
+
+def tokens_path_hint(meta):
+    return f"the token cache ({meta['data']})"
+
+
+def load_model(path, meta, device):
+    ckpt = load_checkpoint(path, meta)
+    model = OAR(GPTConfig(**ckpt['config']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval()
+
+
+def pick_device(name='auto'):
+    if name and name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    p = argparse.ArgumentParser(description='OAR: learned generation orders for autoregressive image models',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument('--out', default='out', help='folder for the token cache, checkpoints, orders and pictures')
+    data.add_argument('--data', default=None, help=f'Fashion-MNIST IDX folder or image folder (default: search {FMNIST_DIRS})')
+    data.add_argument('--image-size', type=int, default=None, help='image side in pixels (default: 28 for Fashion-MNIST, 256 for folders)')
+    data.add_argument('--tokenizer', default=None, choices=['kmeans'], help='tokenizer (default: kmeans when building the cache)')
+    data.add_argument('--patch', type=int, default=None, help='k-means patch side in pixels (default: 4 when building)')
+    data.add_argument('--codebook-size', type=int, default=None, help='k-means codebook size K (default: 256 when building)')
+    data.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
+    data.add_argument('--seed', type=int, default=0, help='random seed')
+
+    s = sub.add_parser('tokenize', parents=[data], formatter_class=fmt, help='fit the tokenizer and cache the tokens')
+    s.set_defaults(func=tokenize)
+
+    def trainer_flags(s, steps, lr, min_lr, warmup):  # a function, not a parent parser: defaults differ per command
+        s.add_argument('--steps', type=int, default=steps, help='optimizer steps')
+        s.add_argument('--batch-size', type=int, default=64, help='images per step')
+        s.add_argument('--lr', type=float, default=lr, help='peak learning rate')
+        s.add_argument('--min-lr', type=float, default=min_lr, help='learning rate at the end of the cosine decay')
+        s.add_argument('--warmup', type=int, default=warmup, help='linear warm-up steps')
+        s.add_argument('--weight-decay', type=float, default=0.1, help='AdamW weight decay of matrices')
+        s.add_argument('--grad-clip', type=float, default=1.0, help='gradient norm clip')
+        s.add_argument('--eval-every', type=int, default=500, help='steps between held-out evaluations')
+        s.add_argument('--eval-n', type=int, default=2000, help='held-out test images for the bits per token')
+        s.add_argument('--save-every', type=int, default=500, help='steps between checkpoints')
+        s.add_argument('--resume', action='store_true', help='continue from --ckpt if it exists')
+        s.add_argument('--compile', action='store_true', help='torch.compile the model')
+
+    s = sub.add_parser('train', parents=[data], formatter_class=fmt, help='train on raster or random orders')
+    trainer_flags(s, steps=3000, lr=2e-3, min_lr=1e-4, warmup=100)
+    s.add_argument('--order', default='any', choices=['any', 'raster'], help='any: a fresh random order per image; raster: the baseline')
+    s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/ORDER.pt)')
+    s.add_argument('--n-layer', type=int, default=4, help='transformer blocks')
+    s.add_argument('--n-head', type=int, default=4, help='attention heads')
+    s.add_argument('--n-embd', type=int, default=128, help='channels')
+    s.add_argument('--dropout', type=float, default=0.0, help='dropout')
+    s.add_argument('--next-pos', default='relative', choices=['relative', 'absolute'], help='next-position embedding')
+    s.set_defaults(func=train)
+
+    s = sub.add_parser('finetune', parents=[data], formatter_class=fmt, help='fine-tune on extracted orders')
+    trainer_flags(s, steps=1000, lr=5e-4, min_lr=5e-5, warmup=50)
+    s.add_argument('--init', default=None, help='any-order checkpoint to start from (default: OUT/any.pt)')
+    s.add_argument('--orders', default=None, help='extracted orders (default: OUT/orders.pt)')
+    s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/oar.pt)')
+    s.set_defaults(func=train, order='extracted')
+
+    s = sub.add_parser('extract', parents=[data], formatter_class=fmt, help='extract a greedy order per training image')
+    s.add_argument('--ckpt', default=None, help='any-order checkpoint (default: OUT/any.pt)')
+    s.add_argument('--orders', default=None, help='where to save the orders (default: OUT/orders.pt)')
+    s.add_argument('--n', type=int, default=0, help='extract for the first N training images (0: all)')
+    s.add_argument('--eval-n', type=int, default=1000, help='held-out test images for the report')
+    s.add_argument('--lam', type=float, default=0.1, help='distance regularization: score - lam * jump')
+    s.add_argument('--score', default='likelihood', choices=['likelihood', 'confidence'],
+                   help='log p of the true token, or log max_v p (the model\'s own confidence)')
+    s.add_argument('--batch-size', type=int, default=256, help='images extracted together')
+    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: all)')
+    s.add_argument('--save-every', type=int, default=4, help='batches between saves of the orders file')
+    s.add_argument('--naive', action='store_true', help='recompute the full prefix for every candidate (slow; for comparison)')
+    s.set_defaults(func=extract)
+
+    s = sub.add_parser('sample', parents=[data], formatter_class=fmt, help='sample images, save a PNG grid')
+    s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
+    s.add_argument('--order', default='oar', choices=['raster', 'random', 'oar'], help='generation order')
+    s.add_argument('--n', type=int, default=64, help='number of samples')
+    s.add_argument('--batch-size', type=int, default=64, help='samples generated together')
+    s.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature (0: greedy)')
+    s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
+    s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump when choosing the next position')
+    s.add_argument('--pos-temperature', type=float, default=0.0, help='oar: sample the next position at this temperature (0: best)')
+    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: all)')
+    s.add_argument('--png', default=None, help='output PNG (default: OUT/samples_CKPT_ORDER.png)')
+    s.set_defaults(func=sample)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command in ('train', 'finetune', 'extract', 'sample'):
+        default_ckpt = {'train': f"{getattr(args, 'order', '')}.pt", 'finetune': 'oar.pt'}.get(args.command, 'any.pt')
+        args.ckpt = args.ckpt or os.path.join(args.out, default_ckpt)
+    if args.command in ('finetune', 'extract'):
+        args.orders = args.orders or os.path.join(args.out, 'orders.pt')
+    if args.command == 'finetune':
+        args.init = args.init or os.path.join(args.out, 'any.pt')
+    try:
+        return args.func(args)
+    except OARError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == '__main__':
+    main()
