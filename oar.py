@@ -515,6 +515,8 @@ def train(args):
     bits = heldout_bits(model, test, args.order, orders=test_orders)
     print(f"final held-out {bits:.3f} bits/token ({args.order} order); "
           f"unigram entropy {unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
+    if args.order == 'extracted':  # the fine-tuned model under the orders the any-order model extracted
+        print(order_report(model.eval(), test, test_orders))
     return model
 
 
@@ -685,7 +687,7 @@ def sample(args):
     images = tok.decode(codes.view(-1, H, W))
     stem = args.png or os.path.join(args.out, f"samples_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{args.order}")
     stem = stem[:-4] if stem.endswith('.png') else stem
-    save_grid(images, stem + '.png')
+    save_grid(images[:64], stem + '.png')
     save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
     save_generation_gif(tok, codes[0], orders[0], H, W, stem + '.gif')
     print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} images/s); mean jump {mean_jump(orders, W):.2f}")
@@ -749,6 +751,57 @@ def save_generation_gif(tok, codes, order, H, W, path, frames=49):
         mask = F.interpolate(shown.view(1, 1, H, W), scale_factor=f, mode='nearest')[0]
         pics.append(to_pil((image * mask)[None], scale=max(1, 256 // S))[0])
     pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=80, loop=0)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def bench(args):
+    """Speed on this device, side by side in one run: training tokens/s; sampling images/s in raster and OAR
+    order; extraction images/s with burst scoring and with the naive recompute, and their ratio."""
+    dev = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(vocab_size=args.vocab, grid_h=args.grid, grid_w=args.grid, n_layer=args.n_layer,
+                    n_head=args.n_head, n_embd=args.n_embd)
+    model = OAR(cfg).to(dev)
+    N, B = cfg.n_pos, args.batch_size
+    codes = torch.randint(0, cfg.vocab_size, (B, N), device=dev)
+    g = torch.Generator().manual_seed(0)
+
+    def timed(fn, repeat):
+        fn()  # warm-up
+        if dev.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.time()
+        for _ in range(repeat):
+            fn()
+        if dev.type == 'cuda':
+            torch.cuda.synchronize()
+        return (time.time() - t0) / repeat
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        with autocast(dev):
+            loss = order_loss(model, codes, random_orders(B, N, g).to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.train()
+    rows = [('train (any order)', 'tokens/s', B * N / timed(train_step, args.repeat))]
+    model.eval()
+    rows.append(('sample raster', 'images/s', B / timed(lambda: generate(model, B, order=raster_orders(B, N)), args.repeat)))
+    rows.append(('sample oar', 'images/s', B / timed(lambda: generate(model, B), args.repeat)))
+    burst = B / timed(lambda: generate(model, B, teacher=codes, score='likelihood'), args.repeat)
+    nb = max(1, B // 8)  # the naive recompute is slow: fewer images
+    naive = nb / timed(lambda: generate(model, nb, teacher=codes[:nb], score='likelihood', naive=True), 1)
+    rows += [('extract burst', 'images/s', burst), ('extract naive', 'images/s', naive),
+             ('extract burst / naive', 'ratio', burst / naive)]
+    print(f"device {dev}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{cfg.grid_h}x{cfg.grid_w} grid, batch {B}")
+    print('| what | unit | value |\n|---|---|---|')
+    for what, unit, value in rows:
+        print(f"| {what} | {unit} | {value:,.1f} |")
+    return rows
 
 
 # ----------------------------------------------------------------------------- checkpoints and devices
@@ -889,6 +942,18 @@ def build_parser():
     s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: all)')
     s.add_argument('--png', default=None, help='output PNG (default: OUT/samples_CKPT_ORDER.png)')
     s.set_defaults(func=sample)
+
+    s = sub.add_parser('bench', formatter_class=fmt, help='speed of training, sampling and extraction on this device')
+    s.add_argument('--grid', type=int, default=7, help='grid side (7: the CPU default; 16: the paper\'s)')
+    s.add_argument('--vocab', type=int, default=256, help='codebook size')
+    s.add_argument('--n-layer', type=int, default=4, help='transformer blocks')
+    s.add_argument('--n-head', type=int, default=4, help='attention heads')
+    s.add_argument('--n-embd', type=int, default=128, help='channels')
+    s.add_argument('--batch-size', type=int, default=64, help='images per batch')
+    s.add_argument('--repeat', type=int, default=3, help='timed repetitions of each measurement')
+    s.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
+    s.add_argument('--seed', type=int, default=0, help='random seed')
+    s.set_defaults(func=bench)
     return p
 
 
