@@ -77,10 +77,9 @@ def list_image_folder(folder):
     """Image paths under `folder` (recursive, sorted) and their class: the index of the first-level sub-folder."""
     paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
                    if f.lower().endswith(IMAGE_EXTS))
-    classes = sorted({os.path.relpath(p, folder).split(os.sep)[0] for p in paths if os.sep in os.path.relpath(p, folder)})
-    labels = [classes.index(os.path.relpath(p, folder).split(os.sep)[0]) if os.sep in os.path.relpath(p, folder) else 0
-              for p in paths]
-    return paths, labels, classes
+    first = [os.path.relpath(p, folder).split(os.sep) for p in paths]
+    classes = sorted({parts[0] for parts in first if len(parts) > 1})
+    return paths, [classes.index(parts[0]) if len(parts) > 1 else 0 for parts in first], classes
 
 
 def load_images(paths, size):
@@ -101,8 +100,29 @@ def load_images(paths, size):
     return imgs, kept, len(paths) - len(kept)
 
 
-def load_dataset(data_dir, image_size):
-    """Fashion-MNIST (IDX files) or a folder of images -> dict of uint8 image tensors (n, C, H, W) and labels.
+class Split:
+    """One split of a dataset, read a range at a time: images in memory (IDX) or files on disk (a folder)."""
+
+    def __init__(self, labels, size, images=None, paths=None):
+        self.labels, self.size, self.images, self.paths = labels, size, images, paths
+
+    def __len__(self):
+        return len(self.labels)
+
+    def read(self, lo, hi):
+        """Images lo..hi-1 as uint8 (n, C, size, size), their labels, and how many files were unreadable."""
+        if self.paths is None:
+            imgs = self.images[lo:hi]
+            if imgs.shape[-1] != self.size:
+                imgs = F.interpolate(imgs.float(), size=self.size, mode='bilinear', antialias=True)
+                imgs = imgs.round().clamp(0, 255).to(torch.uint8)
+            return imgs, self.labels[lo:hi], 0
+        imgs, kept, bad = load_images(self.paths[lo:hi], self.size)
+        return imgs, self.labels[lo:hi][kept], bad
+
+
+def open_dataset(data_dir, image_size):
+    """Fashion-MNIST (IDX files) or a folder of images -> dict(name, classes, image_size, train, test: Split).
     An image folder has no test split: a seeded 5% of it is held out (our decision; the paper is silent)."""
     idx_dir = find_idx_dir(data_dir)
     if idx_dir:
@@ -110,30 +130,34 @@ def load_dataset(data_dir, image_size):
                                                  'Shirt', 'Sneaker', 'Bag', 'Ankle boot'])
         for split, (img_name, lab_name) in FMNIST_FILES.items():
             imgs = torch.from_numpy(read_idx(_idx_path(idx_dir, img_name)).copy())[:, None]  # (n, 1, 28, 28)
-            if image_size and image_size != imgs.shape[-1]:
-                imgs = F.interpolate(imgs.float(), size=image_size, mode='bilinear', antialias=True)
-                imgs = imgs.round().clamp(0, 255).to(torch.uint8)
-            ds[split] = imgs
-            ds[split + '_labels'] = torch.from_numpy(read_idx(_idx_path(idx_dir, lab_name)).astype(np.int64))
+            labels = torch.from_numpy(read_idx(_idx_path(idx_dir, lab_name)).astype(np.int64))
+            ds['image_size'] = image_size or imgs.shape[-1]
+            ds[split] = Split(labels, ds['image_size'], images=imgs)
         return ds
     if data_dir and os.path.isdir(data_dir):
         paths, labels, classes = list_image_folder(data_dir)
-        if paths:
-            size = image_size or 256
-            imgs, kept, bad = load_images(tqdm(paths, desc=f'reading {data_dir}'), size)
-            if bad:
-                print(f"skipped {bad} unreadable image file(s) in {data_dir}")
-            if len(imgs) < 2:
-                raise OARError(f"{data_dir} holds fewer than 2 readable images")
-            labels = torch.tensor(labels)[kept]
-            perm = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(0))
-            n_test = max(1, len(imgs) // 20)
-            te, tr = perm[:n_test], perm[n_test:]
-            return dict(name=os.path.abspath(data_dir), classes=classes, train=imgs[tr], train_labels=labels[tr],
-                        test=imgs[te], test_labels=labels[te])
+        if len(paths) >= 2:
+            perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
+            n_test = max(1, len(paths) // 20)
+            size, labels = image_size or 256, torch.tensor(labels)
+            split = {name: Split(labels[idx], size, paths=[paths[i] for i in idx])
+                     for name, idx in (('test', perm[:n_test]), ('train', perm[n_test:]))}
+            return dict(name=os.path.abspath(data_dir), classes=classes, image_size=size, **split)
     searched = data_dir or ', '.join(FMNIST_DIRS)
     raise OARError(f"no data found (searched {searched}): install Fashion-MNIST with "
                    f"'apt-get install dataset-fashion-mnist', or pass --data DIR (IDX files or a folder of images)")
+
+
+def load_dataset(data_dir, image_size):
+    """The whole dataset in memory: dict(name, classes, train, train_labels, test, test_labels)."""
+    ds = open_dataset(data_dir, image_size)
+    out, bad = dict(name=ds['name'], classes=ds['classes']), 0
+    for split in ('train', 'test'):
+        out[split], out[split + '_labels'], n_bad = ds[split].read(0, len(ds[split]))
+        bad += n_bad
+    if bad:
+        print(f"skipped {bad} unreadable image file(s) in {data_dir}")
+    return out
 
 
 def to_unit(imgs):
@@ -164,39 +188,98 @@ def load_tokens(args, build=True):
         return {k: (v.long() if k in ('train', 'test') else v) for k, v in cache.items()}
     if not build:
         raise OARError(f"no token cache at {path}: run 'python oar.py tokenize --out {args.out}' first")
-    return tokenize(args)
+    # a first `train` in a fresh --out tokenizes, with the data flags it was given and tokenize's other defaults
+    flags = build_parser().parse_args(['tokenize'])
+    for name in ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size', 'device', 'seed'):
+        setattr(flags, name, getattr(args, name))
+    return tokenize(flags)
 
 
-def load_tokenizer(args):
+def load_tokenizer(args, device='cpu'):
     path = os.path.join(args.out, 'tokenizer.pt')
     if not os.path.exists(path):
         raise OARError(f"no tokenizer at {path}: run 'python oar.py tokenize --out {args.out}' first")
-    return vqgan.load_tokenizer(torch.load(path, weights_only=True))
+    try:
+        return vqgan.load_tokenizer(torch.load(path, weights_only=True), device)
+    except (FileNotFoundError, ValueError) as e:
+        raise OARError(f"cannot rebuild the tokenizer of {path}: {e}")
+
+
+def make_tokenizer(args, ds, resume, device):
+    """The k-means codebook fitted on the training images (seeded), or the VQ-GAN loaded from --vqgan-ckpt."""
+    path = os.path.join(args.out, 'tokenizer.pt')
+    if args.tokenizer == 'vqgan':
+        if not args.vqgan_ckpt:
+            raise OARError("--tokenizer vqgan needs --vqgan-ckpt PATH: taming-transformers' vqgan_imagenet_f16_1024 "
+                           "last.ckpt (see the README)")
+        try:
+            return vqgan.load_vqgan(args.vqgan_ckpt, device)
+        except (FileNotFoundError, ValueError) as e:
+            raise OARError(str(e))
+    if resume and os.path.exists(path):  # the codebook of the interrupted run
+        return vqgan.load_tokenizer(torch.load(path, weights_only=True))
+    images, _, _ = ds['train'].read(0, min(len(ds['train']), args.fit_images))
+    return vqgan.KMeansTokenizer.fit(to_unit(images), patch=args.patch or 4, codebook_size=args.codebook_size or 256,
+                                     seed=args.seed)
 
 
 def tokenize(args):
-    """Fit the tokenizer on the training images, encode train and test, cache both (and the tokenizer)."""
+    """Make the tokenizer, then encode train and test chunk by chunk into the token cache of --out.
+    Resumable: an interrupted run keeps its finished chunks in tokens.pt.partial and continues from them."""
     os.makedirs(args.out, exist_ok=True)
-    ds = load_dataset(args.data, args.image_size)
-    if (args.tokenizer or 'kmeans') != 'kmeans':
-        raise OARError(f"unknown --tokenizer {args.tokenizer}")
+    args.tokenizer = args.tokenizer or 'kmeans'
+    ds, dev = open_dataset(args.data, args.image_size), pick_device(args.device)
+    partial = tokens_path(args) + '.partial'
+    part = torch.load(partial, weights_only=True) if os.path.exists(partial) else None
     t0 = time.time()
-    tok = vqgan.KMeansTokenizer.fit(to_unit(ds['train']), patch=args.patch or 4,
-                                    codebook_size=args.codebook_size or 256, seed=args.seed)
-    save_atomic(tok.state_dict(), os.path.join(args.out, 'tokenizer.pt'))
-    cache = {}
-    for split in ('train', 'test'):
-        codes = torch.cat([tok.encode(to_unit(ds[split][i:i + 4096]))
-                           for i in tqdm(range(0, len(ds[split]), 4096), desc=f'tokenizing {split}')])
-        cache[split], cache[split + '_labels'] = codes.to(torch.int16), ds[split + '_labels']
-    recon = tok.decode(cache['test'][:2000].long())
-    mse = F.mse_loss((recon + 1) / 2, to_unit(ds['test'][:2000]).add(1).div(2)).item()
+    tok = make_tokenizer(args, ds, part is not None, dev)
+    save_atomic(tok.record(), os.path.join(args.out, 'tokenizer.pt'))
+    described = tok.describe()
+    meta = dict(data=ds['name'], classes=ds['classes'], image_size=ds['image_size'], tokenizer=described)
+    if part is None or part['meta'] != meta:
+        part = dict(meta=meta, done=dict(train=0, test=0), train=[], train_labels=[], test=[], test_labels=[], bad=0)
+    enc_batch = 32 if tok.kind == 'vqgan' else args.batch_size
+    saved = time.time()
+    try:
+        for split in ('train', 'test'):
+            bar = tqdm(total=len(ds[split]), initial=part['done'][split], desc=f'tokenizing {split}', unit='img')
+            while part['done'][split] < len(ds[split]):
+                lo = part['done'][split]
+                hi = min(lo + args.batch_size, len(ds[split]))
+                images, labels, bad = ds[split].read(lo, hi)
+                x = to_unit(images).expand(-1, described['channels'], -1, -1)  # grey -> RGB for the VQ-GAN
+                if len(x):
+                    part[split].append(torch.cat([tok.encode(x[i:i + enc_batch].to(dev)).cpu()
+                                                  for i in range(0, len(x), enc_batch)]).to(torch.int16))
+                    part[split + '_labels'].append(labels)
+                part['bad'] += bad
+                part['done'][split] = hi
+                bar.update(hi - lo)
+                if time.time() - saved > 30:  # a crash loses at most half a minute of work
+                    save_atomic(part, partial)
+                    saved = time.time()
+            bar.close()
+    except KeyboardInterrupt:
+        save_atomic(part, partial)
+        print(f"\ninterrupted: finished chunks saved in {partial}; rerun the same command to continue")
+        raise SystemExit(130)
+    cache = {k: torch.cat(part[k]) if part[k] else torch.zeros(0, dtype=torch.int16)
+             for k in ('train', 'train_labels', 'test', 'test_labels')}
+    if min(len(cache['train']), len(cache['test'])) == 0:
+        raise OARError(f"too few readable images in {ds['name']} for a train and a test split")
     H, W = cache['train'].shape[1:]
-    cache['meta'] = dict(data=ds['name'], classes=ds['classes'], image_size=ds['train'].shape[-1],
-                         tokenizer=tok.describe(), grid=[H, W], vocab=len(tok.codebook))
+    cache['meta'] = dict(meta, grid=[H, W], vocab=described['codebook_size'])
     save_atomic(cache, tokens_path(args))
+    if os.path.exists(partial):
+        os.remove(partial)
+    n = min(len(cache['test']), 2000 if tok.kind == 'kmeans' else 64)  # VQ-GAN decoding is slow on a CPU
+    real = to_unit(ds['test'].read(0, n)[0]).expand(-1, described['channels'], -1, -1)
+    recon = torch.cat([tok.decode(cache['test'][i:i + enc_batch].long().to(dev)).cpu() for i in range(0, n, enc_batch)])
+    mse = F.mse_loss((recon[:len(real)] + 1) / 2, (real + 1) / 2).item()
     print(f"tokenized {len(cache['train'])} train + {len(cache['test'])} test images into {H}x{W} codes "
-          f"(K={len(tok.codebook)}) in {time.time() - t0:.0f}s; test PSNR {10 * math.log10(1 / max(mse, 1e-10)):.1f} dB; "
+          f"(K={described['codebook_size']}) in {time.time() - t0:.0f}s"
+          f"{'; skipped %d unreadable files' % part['bad'] if part['bad'] else ''}; "
+          f"test PSNR {10 * math.log10(1 / max(mse, 1e-10)):.1f} dB on {n} images; "
           f"unigram entropy {unigram_entropy(cache['train']):.2f} bits/token -> {tokens_path(args)}")
     return {k: (v.long() if k in ('train', 'test') else v) for k, v in cache.items()}
 
@@ -667,8 +750,8 @@ def order_report(model, test, test_orders, train_orders=None):
 
 def sample(args):
     data = load_tokens(args, build=False)
-    tok = load_tokenizer(args)
     dev = pick_device(args.device)
+    tok = load_tokenizer(args, dev)
     model = load_model(args.ckpt, data['meta'], dev)
     N, (H, W) = model.cfg.n_pos, data['meta']['grid']
     g = torch.Generator().manual_seed(args.seed)
@@ -684,7 +767,7 @@ def sample(args):
         orders.append(o.cpu())
     codes, orders = torch.cat(codes), torch.cat(orders)
     dt = time.time() - t0
-    images = tok.decode(codes.view(-1, H, W))
+    images = torch.cat([tok.decode(codes[i:i + 32].view(-1, H, W)).cpu() for i in range(0, len(codes), 32)])
     stem = args.png or os.path.join(args.out, f"samples_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{args.order}")
     stem = stem[:-4] if stem.endswith('.png') else stem
     save_grid(images[:64], stem + '.png')
@@ -741,7 +824,7 @@ def save_order_figure(images, orders, H, W, path):
 def save_generation_gif(tok, codes, order, H, W, path, frames=49):
     """An animated GIF of one image filling in, patch by patch, in its generation order."""
     N = H * W
-    image = tok.decode(codes.view(1, H, W))[0]
+    image = tok.decode(codes.view(1, H, W))[0].cpu()
     S, f = image.shape[-1], image.shape[-1] // H
     ticks = sorted(set(np.linspace(0, N, min(frames, N) + 1).astype(int).tolist()))
     pics = []
@@ -875,13 +958,16 @@ def build_parser():
     data.add_argument('--out', default='out', help='folder for the token cache, checkpoints, orders and pictures')
     data.add_argument('--data', default=None, help=f'Fashion-MNIST IDX folder or image folder (default: search {FMNIST_DIRS})')
     data.add_argument('--image-size', type=int, default=None, help='image side in pixels (default: 28 for Fashion-MNIST, 256 for folders)')
-    data.add_argument('--tokenizer', default=None, choices=['kmeans'], help='tokenizer (default: kmeans when building the cache)')
+    data.add_argument('--tokenizer', default=None, choices=['kmeans', 'vqgan'], help='tokenizer (default: kmeans when building the cache)')
     data.add_argument('--patch', type=int, default=None, help='k-means patch side in pixels (default: 4 when building)')
     data.add_argument('--codebook-size', type=int, default=None, help='k-means codebook size K (default: 256 when building)')
     data.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
     data.add_argument('--seed', type=int, default=0, help='random seed')
 
     s = sub.add_parser('tokenize', parents=[data], formatter_class=fmt, help='fit the tokenizer and cache the tokens')
+    s.add_argument('--vqgan-ckpt', default=None, help='taming VQ-GAN checkpoint (.ckpt or state-dict .pt) for --tokenizer vqgan')
+    s.add_argument('--batch-size', type=int, default=512, help='images read and encoded per chunk (the unit of resuming)')
+    s.add_argument('--fit-images', type=int, default=60000, help='k-means: training images whose patches are sampled for the fit')
     s.set_defaults(func=tokenize)
 
     def trainer_flags(s, steps, lr, min_lr, warmup):  # a function, not a parent parser: defaults differ per command

@@ -1,9 +1,14 @@
 """Tests: seconds on a CPU, tiny shapes, data written by the tests themselves. Run: python -m pytest -q"""
+import builtins
 import gzip
 import math
 import os
 import shutil
 import struct
+import sys
+import types
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from PIL import Image
 
 import oar
 import vqgan
+from vqgan import VQGAN, VQGANConfig, config_from_state_dict, load_vqgan
 
 TINY = ['--n-layer', '1', '--n-head', '2', '--n-embd', '16', '--batch-size', '16', '--eval-n', '16',
         '--eval-every', '1000', '--warmup', '2']
@@ -174,7 +180,7 @@ def test_tokenizer_roundtrip_exact_on_centroid_patches():
     codes = torch.randint(0, 16, (5, 4, 4))
     again = tok.encode(tok.decode(codes))
     assert torch.equal(again, codes), f"{(again != codes).sum().item()} codes changed"
-    state = vqgan.load_tokenizer(tok.state_dict())
+    state = vqgan.load_tokenizer(tok.record())
     assert torch.equal(state.decode(codes), tok.decode(codes))
 
 
@@ -341,3 +347,229 @@ def test_mean_jump_of_raster_order():
     W = 7  # 6 unit steps per row, then a wrap of sqrt(6^2 + 1) to the next row
     want = (7 * 6 + 6 * math.sqrt(37)) / 48
     assert abs(oar.mean_jump(oar.raster_orders(1, 49), W) - want) < 1e-6
+
+
+# ----------------------------------------------------------------------------- the taming VQ-GAN (small config of the same architecture)
+
+SMALL = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
+                    z_channels=8, embed_dim=8, n_embed=16)
+KEY_LIST = Path(__file__).resolve().parent.parent / 'shared' / 'taming_vqgan_f16_1024_keys.tsv'  # ../shared
+
+
+def small_vqgan(seed=0):
+    torch.manual_seed(seed)
+    model = VQGAN(SMALL).eval()
+    with torch.no_grad():  # non-trivial norms and biases too, so a tensor loaded in the wrong place shows
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def test_lightning_ckpt_loads_identical_tensors(tmp_path):
+    model = small_vqgan()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd['loss.discriminator.main.0.weight'] = torch.randn(64, 3, 4, 4)
+    sd['loss.perceptual_loss.net.slice1.0.bias'] = torch.randn(64)
+
+    # A fake pytorch_lightning package, only while saving, so pickle records the class by that name.
+    names = ['pytorch_lightning', 'pytorch_lightning.callbacks', 'pytorch_lightning.callbacks.model_checkpoint']
+    fake = {name: types.ModuleType(name) for name in names}
+    ModelCheckpoint = type('ModelCheckpoint', (), {'__module__': names[-1]})
+    fake[names[-1]].ModelCheckpoint = ModelCheckpoint
+    sys.modules.update(fake)
+    try:
+        callback = ModelCheckpoint()
+        callback.monitor = 'val/rec_loss'  # an instance too: exercises the stand-in's build path
+        ckpt = {'epoch': 7, 'global_step': 1234, 'pytorch-lightning_version': '1.0.8', 'state_dict': sd,
+                'callbacks': {ModelCheckpoint: {'best_model_score': torch.tensor(0.5), 'best_model_path': 'x'}},
+                'checkpoint_callback': callback,
+                'optimizer_states': [{'state': {}, 'param_groups': [{'lr': 4.5e-6, 'params': [0, 1]}]}],
+                'lr_schedulers': []}
+        path = tmp_path / 'last.ckpt'
+        torch.save(ckpt, path)
+    finally:
+        for name in names:
+            del sys.modules[name]
+    assert 'pytorch_lightning' not in sys.modules
+
+    loaded = load_vqgan(path)
+    got = loaded.state_dict()
+    assert not [k for k in got if k.startswith('loss.')]
+    assert got.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], v), f"{k}: max diff {max_diff(got[k], v)}"
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    diff = max_diff(loaded.decode(model.encode(x)), model.decode(model.encode(x)))
+    assert diff == 0, f"decode differs after loading: max diff {diff}"
+
+
+def _write_marker(path):
+    Path(path).write_text('code ran during loading')
+
+
+@pytest.mark.parametrize('zip_format', [True, False])  # torch.save's format since 1.6, and the legacy one
+@pytest.mark.parametrize('how', ['own_function', 'os_system', 'builtins_exec'])
+def test_malicious_pickle_refused(tmp_path, how, zip_format):
+    marker = tmp_path / 'marker'
+    payload = {'own_function': (_write_marker, (str(marker),)),
+               'os_system': (os.system, (f'touch "{marker}"',)),
+               'builtins_exec': (builtins.exec, (f'open({str(marker)!r}, "w").write("x")',))}[how]
+    Evil = type('Evil', (), {'__reduce__': lambda self: payload})
+    path = tmp_path / 'evil.ckpt'
+    torch.save({'state_dict': small_vqgan().state_dict(), 'callbacks': {'x': Evil()}}, path,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(ValueError, match='refused'):
+        load_vqgan(path)
+    assert not marker.exists()
+
+
+def test_missing_file_and_non_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match='vqgan_imagenet_f16_1024'):
+        load_vqgan(tmp_path / 'nope.ckpt')
+    text = tmp_path / 'notes.txt'
+    text.write_text('hello, not a checkpoint')
+    with pytest.raises(ValueError, match='refused'):
+        load_vqgan(text)
+
+
+def test_plain_state_dict_loads(tmp_path):
+    model = small_vqgan(1)
+    for i, obj in enumerate([model.state_dict(), {'state_dict': model.state_dict()}]):
+        torch.save(obj, tmp_path / f'w{i}.pt')
+        got = load_vqgan(tmp_path / f'w{i}.pt').state_dict()
+        for k, v in model.state_dict().items():
+            assert torch.equal(got[k], v), f"{k}: max diff {max_diff(got[k], v)}"
+
+
+def test_full_config_matches_shared_key_list():
+    if not KEY_LIST.exists():
+        pytest.skip(f"taming key list not found at {KEY_LIST}")
+    expected = {}
+    for line in KEY_LIST.read_text().splitlines():
+        if line.strip():
+            name, shape = line.split('\t')
+            expected[name] = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+    with torch.device('meta'):
+        got = {k: tuple(v.shape) for k, v in VQGAN(VQGANConfig()).state_dict().items()}
+    missing, extra = expected.keys() - got.keys(), got.keys() - expected.keys()
+    wrong = {k: (got[k], expected[k]) for k in got.keys() & expected.keys() if got[k] != expected[k]}
+    assert not (missing or extra or wrong), f"missing {sorted(missing)}, extra {sorted(extra)}, wrong {wrong}"
+    assert len(got) == 343 and list(got) == list(expected), "same keys, but not in taming's state_dict order"
+
+
+def test_encode_decode_shapes_and_codebook_roundtrip():
+    model = small_vqgan(2)
+    f = model.downsample_factor
+    assert f == 2
+    x = torch.rand(3, 3, 16, 24) * 2 - 1
+    codes = model.encode(x)
+    assert codes.shape == (3, 16 // f, 24 // f) and codes.dtype == torch.int64
+    assert 0 <= codes.min() and codes.max() < SMALL.n_embed
+    # the same grid by brute force: nearest entry (squared L2) of every latent vector, row-major
+    with torch.no_grad():
+        z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1)          # (B, h, w, D)
+        brute = (z[..., None, :] - model.quantize.embedding.weight).pow(2).sum(-1).argmin(-1)
+    assert torch.equal(codes, brute), f"{(codes != brute).sum().item()} codes differ from brute force"
+    images = model.decode(codes)
+    assert images.shape == x.shape and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1, f"range [{images.min()}, {images.max()}]"
+
+    # encoding the decoded codebook entries of a code grid returns it (quantizer level). Entries are distinct
+    # +-1 vectors, at squared distance >= 4 from each other, so no ties are possible.
+    bits = (torch.arange(SMALL.n_embed)[:, None] >> torch.arange(SMALL.embed_dim)) & 1
+    with torch.no_grad():
+        model.quantize.embedding.weight.copy_(2.0 * bits - 1)
+    grid = torch.randint(0, SMALL.n_embed, (4, 5, 7))
+    z_q = model.quantize.lookup(grid)                                          # (4, D, 5, 7)
+    assert z_q.shape == (4, SMALL.embed_dim, 5, 7)
+    back = model.quantize.nearest(z_q)
+    assert torch.equal(back, grid), f"{(back != grid).sum().item()} of {grid.numel()} codes changed"
+
+
+def test_wrong_shape_names_offending_keys(tmp_path):
+    sd = dict(small_vqgan().state_dict())
+    sd['decoder.up.1.block.0.conv2.weight'] = torch.zeros(64, 64, 1, 1)
+    del sd['encoder.mid.attn_1.proj_out.bias']
+    sd['decoder.extra_head.weight'] = torch.zeros(3)
+    torch.save({'state_dict': sd}, tmp_path / 'bad.ckpt')
+    with pytest.raises(ValueError) as err:
+        load_vqgan(tmp_path / 'bad.ckpt')
+    msg = str(err.value)
+    for name in ['decoder.up.1.block.0.conv2.weight', 'encoder.mid.attn_1.proj_out.bias',
+                 'decoder.extra_head.weight', '(64, 64, 1, 1)', '(64, 64, 3, 3)']:
+        assert name in msg, f"{name!r} not in: {msg}"
+
+
+def test_config_from_state_dict_roundtrip():
+    assert config_from_state_dict(small_vqgan().state_dict(), resolution=16) == SMALL
+    for config in [VQGANConfig(), VQGANConfig(n_embed=16384)]:
+        with torch.device('meta'):
+            sd = VQGAN(config).state_dict()
+        got = config_from_state_dict(sd)
+        assert got == config, f"{asdict(got)} != {asdict(config)}"
+
+
+def save_lightning_style(model, path):
+    """torch.save a dict whose pickle names a `pytorch_lightning` class (a fake one, gone before loading)."""
+    names = ['pytorch_lightning', 'pytorch_lightning.callbacks', 'pytorch_lightning.callbacks.model_checkpoint']
+    sys.modules.update({name: types.ModuleType(name) for name in names})
+    try:
+        ModelCheckpoint = type('ModelCheckpoint', (), {'__module__': names[-1]})
+        sys.modules[names[-1]].ModelCheckpoint = ModelCheckpoint
+        sd = dict(model.state_dict(), **{'loss.logvar': torch.zeros(())})
+        torch.save({'state_dict': sd, 'callbacks': {ModelCheckpoint: {}}, 'global_step': 1}, path)
+    finally:
+        for name in names:
+            del sys.modules[name]
+
+
+def test_vqgan_tokens_drive_every_command(tmp_path, monkeypatch, capsys):
+    """An image folder tokenized by a (small) VQ-GAN: tokenize resumes after a crash, then train, extract and
+    sample work unchanged on its codes and decode through the same VQ-GAN."""
+    folder = tmp_path / 'images'
+    rng = np.random.default_rng(0)
+    for cls in ('a', 'b'):
+        os.makedirs(folder / cls)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / cls / f'{i}.png')
+    (folder / 'a' / 'corrupt.png').write_bytes(b'\x89PNG broken')
+    ckpt = str(tmp_path / 'last.ckpt')
+    save_lightning_style(small_vqgan(), ckpt)
+    out = str(tmp_path / 'out')
+    flags = ['--out', out, '--data', str(folder), '--image-size', '16']
+    tokenize = ['tokenize', '--tokenizer', 'vqgan', '--vqgan-ckpt', ckpt, '--batch-size', '8', *flags]
+    real_save, saves = oar.save_atomic, []
+
+    def crash_after_first_chunk(obj, path):  # Ctrl-C right after the partial cache is first written
+        real_save(obj, path)
+        saves.append(path)
+        if path.endswith('.partial') and len(saves) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(oar.time, 'time', iter(range(0, 10 ** 6, 31)).__next__)  # every chunk "takes" 31 s
+    monkeypatch.setattr(oar, 'save_atomic', crash_after_first_chunk)
+    with pytest.raises(SystemExit):
+        oar.main(tokenize)
+    assert torch.load(f'{out}/tokens.pt.partial', weights_only=True)['done']['train'] == 8
+    monkeypatch.undo()
+    oar.main(tokenize)
+    resumed = torch.load(f'{out}/tokens.pt', weights_only=True)
+    assert 'skipped 1 unreadable' in capsys.readouterr().out and not os.path.exists(f'{out}/tokens.pt.partial')
+    oar.main(tokenize[:-len(flags)] + ['--out', str(tmp_path / 'straight')] + flags[2:])
+    straight = torch.load(f'{tmp_path}/straight/tokens.pt', weights_only=True)
+    assert torch.equal(resumed['train'], straight['train']) and torch.equal(resumed['test'], straight['test'])
+    assert resumed['meta']['grid'] == [8, 8] and resumed['meta']['vocab'] == SMALL.n_embed
+    assert len(resumed['train']) + len(resumed['test']) == 24
+    # every later command works unchanged on these codes
+    oar.main(['train', '--out', out, '--steps', '3', *TINY])
+    oar.main(['extract', '--out', out, '--n', '4', '--eval-n', '2'])
+    codes, orders = oar.main(['sample', '--out', out, '--n', '2', '--png', str(tmp_path / 's.png')])
+    assert codes.shape == (2, 64) and is_permutation(orders)
+    assert Image.open(tmp_path / 's.png').size[0] > 2 * 16
+    err = run_error(['tokenize', '--tokenizer', 'vqgan', '--vqgan-ckpt', str(tmp_path / 'none.ckpt'), '--out',
+                     str(tmp_path / 'o2'), '--data', str(folder)], capsys)
+    assert 'vqgan_imagenet_f16_1024' in err
