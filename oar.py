@@ -11,6 +11,7 @@ position it is most sure of. Sections below follow the paper (PAPER.md in the pr
     -> 3. order extraction -> 4. fine-tuning -> 5. sampling (6. burst scoring lives in the model) -> CLI
 """
 import argparse
+import glob
 import gzip
 import importlib.util
 import json
@@ -24,8 +25,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import vqgan
@@ -304,7 +307,7 @@ class GPTConfig:
     n_head: int = 4               # attention heads
     n_embd: int = 128             # channels
     dropout: float = 0.0          # dropout in attention, MLP and embeddings
-    next_pos: str = 'relative'    # where-the-next-token-goes embedding: 'relative' (grid offset, the paper's) or 'absolute' (sigma-GPT's)
+    next_pos: str = 'relative'    # where-the-next-token-goes embedding: 'relative' (grid offset, the paper's), 'absolute' (sigma-GPT's), 'none' (plain GPT)
     n_class: int = 0              # classes for class-conditional START tokens (0: unconditional)
 
     @property
@@ -389,7 +392,7 @@ class OAR(nn.Module):
         self.start = nn.Embedding(cfg.n_class + 1, C)  # START token: one per class, the last row unconditional
         self.pos_emb = nn.Embedding(cfg.n_pos + 1, C)  # absolute position of the current token; row N = START's virtual centre
         n_next = (2 * H - 1) * (2 * W - 1) if cfg.next_pos == 'relative' else cfg.n_pos
-        self.next_emb = nn.Embedding(n_next, C)        # where the next token goes: grid offset (relative) or cell (absolute)
+        self.next_emb = nn.Embedding(n_next, C) if cfg.next_pos != 'none' else None  # where the next token goes
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(C)
@@ -423,7 +426,10 @@ class OAR(nn.Module):
         if labels is None:
             labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=prev.device)
         tok = torch.where((prev < 0)[..., None], self.start(labels)[:, None], self.tok_emb(prev.clamp(min=0)))
-        return self.drop(tok + self.pos_emb(cur) + self.next_emb(self.next_index(cur, nxt)))
+        x = tok + self.pos_emb(cur)
+        if self.next_emb is not None:  # 'none' is a plain GPT with one position table: the bench's baseline
+            x = x + self.next_emb(self.next_index(cur, nxt))
+        return self.drop(x)
 
     def forward(self, codes, order, labels=None):
         """codes (B, N) in raster index, order (B, T) a (prefix of a) permutation per sample.
@@ -519,17 +525,18 @@ def lr_at(step, args):
 
 def train(args):
     """`train --order any|raster` and `finetune` (order 'extracted'): one loop."""
-    data = load_tokens(args)
-    dev = pick_device(args.device)
+    rank, world, dev = dist_setup(args.device)
+    if args.batch_size % world:
+        raise OARError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the {world} processes")
+    data = load_tokens(args, build=world == 1)  # under torchrun, tokenize first: the processes must not race
     codes = data['train'].flatten(1)                            # (n, N)
     test = data['test'].flatten(1)[:args.eval_n]
     H, W = data['meta']['grid']
     orders = test_orders = None
-    if args.order == 'extracted':
+    if args.order == 'extracted':  # fine-tuning: the any-order model on its extracted orders, a fresh optimizer
         of = load_orders(args.orders, data['meta'])
-        orders, test_orders = of['orders'][:of['done']].long(), of['test_orders'].long()
+        orders, test_orders = of['orders'].long(), of['test_orders'].long()
         codes, test = codes[:len(orders)], data['test'].flatten(1)[:len(test_orders)]
-    if args.order == 'extracted':  # fine-tuning starts from the any-order model, with a fresh optimizer
         init = load_checkpoint(args.init, data['meta'])
         cfg = GPTConfig(**init['config'])
     else:
@@ -552,31 +559,44 @@ def train(args):
         opt.load_state_dict(ckpt['optim'])
     elif args.order == 'extracted':
         model.load_state_dict(init['model'])
-    fwd = torch.compile(model) if args.compile else model
+    fwd = DDP(model) if world > 1 else model  # averages the gradients of all processes in backward
+    fwd = torch.compile(fwd) if args.compile else fwd
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.order} order: {n_params / 1e6:.2f}M parameters, {len(codes)} images of {H}x{W} codes, device {dev}")
+    if rank == 0:
+        print(f"{args.order} order: {n_params / 1e6:.2f}M parameters, {len(codes)} images of {H}x{W} codes, "
+              f"device {dev}{f' x {world} processes' if world > 1 else ''}")
 
     def save(step):
+        if rank > 0:  # one writer; every process holds the same weights
+            return
         save_atomic(dict(model=model.state_dict(), optim=opt.state_dict(), config=asdict(cfg), step=step,
                          order=args.order, tokens=tokens_id(data['meta'])), args.ckpt)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
-    t0, tokens_seen, bar = time.time(), 0, tqdm(total=args.steps, initial=step, desc=f'train {args.order}')
+    t0, tokens_seen = time.time(), 0
+    bar = tqdm(total=args.steps, initial=step, desc=f'train {args.order}', disable=rank > 0)
     try:
         while step < args.steps:
-            if step % args.eval_every == 0 or step == args.steps - 1:
+            if rank == 0 and (step % args.eval_every == 0 or step == args.steps - 1):
                 bits = heldout_bits(model, test, args.order, orders=test_orders)
                 bar.write(f"step {step}: held-out {bits:.3f} bits/token ({args.order} order)")
             model.train()
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # batch of step s is a function of s: exact resume
-            idx = torch.randint(len(codes), (args.batch_size,), generator=g)
-            order = make_orders(args.order, idx, cfg.n_pos, g, orders).to(dev)
+            idx = torch.randint(len(codes), (args.batch_size,), generator=g)   # the global batch, the same in every process
+            order = make_orders(args.order, idx, cfg.n_pos, g, orders)
+            mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
             for group in opt.param_groups:
                 group['lr'] = lr_at(step, args)
             with autocast(dev):
-                loss = order_loss(fwd, codes[idx].to(dev), order)
-            if not torch.isfinite(loss):
-                raise OARError(f"loss is {loss.item()} at step {step}: lower --lr; the last good checkpoint is {args.ckpt}")
+                loss = order_loss(fwd, codes[idx[mine]].to(dev), order[mine].to(dev))
+            if world > 1:  # every process stops together if any one sees a NaN
+                loss_all = loss.detach().clone()
+                dist.all_reduce(loss_all)
+                loss_seen = loss_all / world
+            else:
+                loss_seen = loss
+            if not torch.isfinite(loss_seen):
+                raise OARError(f"loss is {loss_seen.item()} at step {step}: lower --lr; the last good checkpoint is {args.ckpt}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -584,7 +604,7 @@ def train(args):
             step += 1
             tokens_seen += args.batch_size * cfg.n_pos
             bar.update(1)
-            bar.set_postfix(loss=f'{loss.item() / math.log(2):.3f} bits')
+            bar.set_postfix(loss=f'{loss_seen.item() / math.log(2):.3f} bits')
             if step % args.save_every == 0:
                 save(step)
     except KeyboardInterrupt:
@@ -594,9 +614,14 @@ def train(args):
         raise SystemExit(130)
     bar.close()
     save(step)
+    if world > 1:
+        dist.barrier()  # the checkpoint is written before anyone moves on
+        dist.destroy_process_group()
+        if rank > 0:
+            return model
     if tokens_seen:
         dt = time.time() - t0
-        print(f"{tokens_seen / dt:,.0f} training tokens/s ({dt:.0f}s on {dev})")
+        print(f"{tokens_seen / dt:,.0f} training tokens/s ({dt:.0f}s on {dev}{f' x {world}' if world > 1 else ''})")
     bits = heldout_bits(model, test, args.order, orders=test_orders)
     print(f"final held-out {bits:.3f} bits/token ({args.order} order); "
           f"unigram entropy {unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
@@ -619,6 +644,7 @@ def generate(model, B, order=None, teacher=None, score='confidence', lam=0.0, te
     `naive` recomputes the full prefix for every candidate instead of using the KV cache (for benchmarks)."""
     cfg, dev = model.cfg, next(model.parameters()).device
     N, W = cfg.n_pos, cfg.grid_w
+    chunk = chunk or auto_chunk(cfg, B, dev)
     cache = KVCache(cfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
     codes = teacher.clone().to(dev) if teacher is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
     chosen = torch.zeros(B, N, dtype=torch.long, device=dev)
@@ -659,6 +685,17 @@ def generate(model, B, order=None, teacher=None, score='confidence', lam=0.0, te
     return codes, chosen
 
 
+def auto_chunk(cfg, B, device, share=0.25):
+    """Candidates per burst forward such that one chunk's activations take at most `share` of the free memory."""
+    if device.type == 'cuda':
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    # float32 bytes per query at the widest point of a block: qkv + MLP hidden, its attention row, its logits
+    per_query = 4 * (7 * cfg.n_embd + cfg.n_head * cfg.n_pos + 2 * cfg.vocab_size)
+    return max(1, int(free * share) // (B * per_query))
+
+
 def sample_token(logits, temperature=1.0, top_k=0, generator=None):
     """One token per row of logits (B, V): greedy at temperature 0, else softmax sampling, optionally top-k."""
     if temperature == 0:
@@ -679,58 +716,73 @@ def load_orders(path, meta):
     of = torch.load(path, weights_only=True)
     if of['tokens'] != tokens_id(meta):
         raise OARError(f"{path} was extracted from other tokens than this --out holds: extract again")
+    if not of['filled'].all() or 'test_orders' not in of:
+        raise OARError(f"{path} is incomplete ({int(of['filled'].sum())} of {len(of['filled'])} orders): "
+                       f"rerun 'python oar.py extract' to finish it")
     return of
 
 
 def extract(args):
-    """Teacher-forced greedy order for every training image (or the first --n), resumable chunk by chunk,
-    then a held-out report: bits per token and mean jump under extracted, random and raster orders."""
+    """Teacher-forced greedy order for every training image (or the first --n), resumable batch by batch,
+    then a held-out report: bits per token and mean jump under extracted, random and raster orders.
+    Under torchrun, batch k goes to process k mod world; each writes a shard file and rank 0 merges them."""
+    rank, world, dev = dist_setup(args.device)
     data = load_tokens(args, build=False)
-    dev = pick_device(args.device)
     model = load_model(args.ckpt, data['meta'], dev)
-    W = model.cfg.grid_w
     codes = data['train'].flatten(1)
     n = min(args.n or len(codes), len(codes))
     setting = dict(ckpt=os.path.abspath(args.ckpt), lam=args.lam, score=args.score, n=n)
-    of = None
-    if os.path.exists(args.orders):
-        of = torch.load(args.orders, weights_only=True)
-        if of.get('setting') != setting or of['tokens'] != tokens_id(data['meta']):
-            raise OARError(f"{args.orders} holds orders of another extraction ({of.get('setting')}): "
-                           f"delete it or pass another --orders")
-        if of['done'] == n:
-            print(f"{args.orders} is already complete ({n} orders)")
-    if of is None:
-        of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), done=0, setting=setting,
-                  tokens=tokens_id(data['meta']))
+    of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
+              setting=setting, tokens=tokens_id(data['meta']))
+    for path in [args.orders] + sorted(glob.glob(args.orders + '.shard*')):  # finished work, of any world size
+        if os.path.exists(path):
+            done = torch.load(path, weights_only=True)
+            if done.get('setting') != setting or done['tokens'] != of['tokens']:
+                raise OARError(f"{path} holds orders of another extraction ({done.get('setting')}): "
+                               f"delete it or pass another --orders")
+            of['orders'][done['filled']] = done['orders'][done['filled']]
+            of['filled'] |= done['filled']
+            of.update({k: v for k, v in done.items() if k == 'test_orders'})
+    mine = [(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)][rank::world]
+    todo = [(i, j) for i, j in mine if not of['filled'][i:j].all()]
+    shard = args.orders if world == 1 else f"{args.orders}.shard{rank}"
     t0 = time.time()
     try:
-        bar = tqdm(total=n, initial=of['done'], desc='extract', unit='img')
-        while of['done'] < n:
-            i = of['done']
-            j = min(i + args.batch_size, n)
+        for k, (i, j) in enumerate(tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)):
             _, order = generate(model, j - i, teacher=codes[i:j], score=args.score, lam=args.lam, chunk=args.chunk,
                                 naive=args.naive)
-            of['orders'][i:j] = order.cpu().to(torch.int16)
-            of['done'] = j
-            if j == n or (j // args.batch_size) % args.save_every == 0:
-                save_atomic(of, args.orders)  # a crash keeps every finished chunk
-            bar.update(j - i)
-        bar.close()
+            of['orders'][i:j], of['filled'][i:j] = order.cpu().to(torch.int16), True
+            if (k + 1) % args.save_every == 0 or k == len(todo) - 1:
+                save_atomic(of, shard)  # a crash keeps every finished batch
     except KeyboardInterrupt:
-        save_atomic(of, args.orders)
-        print(f"\ninterrupted: {of['done']} of {n} orders saved in {args.orders}; rerun to continue")
+        save_atomic(of, shard)
+        print(f"\ninterrupted: {int(of['filled'].sum())} of {n} orders saved in {shard}; rerun to continue")
         raise SystemExit(130)
-    if time.time() - t0 > 1:
-        print(f"extracted {n} orders in {time.time() - t0:.0f}s ({n / (time.time() - t0):.1f} images/s)")
+    if todo and rank == 0:
+        print(f"extracted {sum(j - i for i, j in todo)} orders in {time.time() - t0:.0f}s "
+              f"({sum(j - i for i, j in todo) / (time.time() - t0):.1f} images/s{f' on rank 0 of {world}' if world > 1 else ''})")
+    if world > 1:  # rank 0 merges every shard into the one orders file
+        dist.barrier()
+        if rank == 0:
+            for path in sorted(glob.glob(args.orders + '.shard*')):
+                done = torch.load(path, weights_only=True)
+                of['orders'][done['filled']] = done['orders'][done['filled']]
+                of['filled'] |= done['filled']
+            save_atomic(of, args.orders)
+            for path in glob.glob(args.orders + '.shard*'):
+                os.remove(path)
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank > 0:
+            return
     # held-out report: the same extraction on test images, then their bits per token under each order kind
     test = data['test'].flatten(1)[:args.eval_n]
     if 'test_orders' not in of:
         _, test_orders = generate(model, len(test), teacher=test, score=args.score, lam=args.lam, chunk=args.chunk,
                                   progress=True)
         of['test_orders'] = test_orders.cpu().to(torch.int16)
-        save_atomic(of, args.orders)
-    print(order_report(model, test, of['test_orders'].long(), of['orders'][:of['done']].long()))
+    save_atomic(of, args.orders)
+    print(order_report(model, test, of['test_orders'].long(), of['orders'].long()))
     print(f"saved {args.orders}")
 
 
@@ -984,51 +1036,114 @@ def write_results(out, rows):
 # ----------------------------------------------------------------------------- benchmark
 
 def bench(args):
-    """Speed on this device, side by side in one run: training tokens/s; sampling images/s in raster and OAR
-    order; extraction images/s with burst scoring and with the naive recompute, and their ratio."""
+    """Speed on this device, measured side by side in one run, for the CPU default and a paper-sized config:
+    training tokens/s (and its share of the measured matmul FLOP/s; the same transformer with one plain
+    position table for the encoding's cost), sampling in raster and OAR order (token evaluations against the
+    strict need), extraction with burst scoring and with the naive recompute; peak memory of each."""
     dev = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    cfg = GPTConfig(vocab_size=args.vocab, grid_h=args.grid, grid_w=args.grid, n_layer=args.n_layer,
-                    n_head=args.n_head, n_embd=args.n_embd)
-    model = OAR(cfg).to(dev)
-    N, B = cfg.n_pos, args.batch_size
-    codes = torch.randint(0, cfg.vocab_size, (B, N), device=dev)
-    g = torch.Generator().manual_seed(0)
+    flops = matmul_flops(dev)
+    print(f"device {dev}: large-matmul throughput {flops / 1e12:.2f} TFLOP/s "
+          f"({'bf16' if dev.type == 'cuda' else 'float32'})")
+    paper = (dict(n_layer=12, n_head=12, n_embd=768, batch=64) if dev.type == 'cuda'  # about 100M parameters on a GPU,
+             else dict(n_layer=4, n_head=4, n_embd=128, batch=8))   # small on a CPU, at the batch of 8 that must fit 24 GiB
+    configs = dict(default=dict(grid=7, vocab=256, n_layer=4, n_head=4, n_embd=128, batch=64),
+                   paper=dict(grid=16, vocab=1024, **paper))
+    results = []
+    for name in (['default', 'paper'] if args.config == 'both' else [args.config]):
+        c = configs[name]
+        rows = bench_config(c, dev, flops, args.repeat)
+        print(f"\n{name}: {c['grid']}x{c['grid']} grid, codebook {c['vocab']}, {c['n_layer']} layers x {c['n_embd']}, "
+              f"batch {c['batch']}, {rows[0]['params'] / 1e6:.1f}M parameters")
+        print('| what | value | unit | peak memory (MiB) |\n|---|---|---|---|')
+        for r in rows:
+            print(f"| {r['what']} | {r['value']:,.2f} | {r['unit']} | {r['peak_mib']:,.0f} |")
+        results.append(dict(config=name, **c, device=str(dev), matmul_flops=flops, rows=rows))
+    with open(args.json, 'w') as f:
+        json.dump(results, f, indent=1)
+    print(f"\nsaved {args.json}")
+    return results
 
-    def timed(fn, repeat):
-        fn()  # warm-up
-        if dev.type == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.time()
-        for _ in range(repeat):
-            fn()
-        if dev.type == 'cuda':
-            torch.cuda.synchronize()
-        return (time.time() - t0) / repeat
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def matmul_flops(dev):
+    """FLOP/s of a large square matmul on this device: the roofline the training throughput is measured against."""
+    n, dtype = (8192, torch.bfloat16) if dev.type == 'cuda' else (2048, torch.float32)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, dev, 10 if dev.type == 'cuda' else 3)
 
-    def train_step():
-        with autocast(dev):
-            loss = order_loss(model, codes, random_orders(B, N, g).to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.train()
-    rows = [('train (any order)', 'tokens/s', B * N / timed(train_step, args.repeat))]
-    model.eval()
-    rows.append(('sample raster', 'images/s', B / timed(lambda: generate(model, B, order=raster_orders(B, N)), args.repeat)))
-    rows.append(('sample oar', 'images/s', B / timed(lambda: generate(model, B), args.repeat)))
-    burst = B / timed(lambda: generate(model, B, teacher=codes, score='likelihood'), args.repeat)
-    nb = max(1, B // 8)  # the naive recompute is slow: fewer images
-    naive = nb / timed(lambda: generate(model, nb, teacher=codes[:nb], score='likelihood', naive=True), 1)
-    rows += [('extract burst', 'images/s', burst), ('extract naive', 'images/s', naive),
-             ('extract burst / naive', 'ratio', burst / naive)]
-    print(f"device {dev}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{cfg.grid_h}x{cfg.grid_w} grid, batch {B}")
-    print('| what | unit | value |\n|---|---|---|')
-    for what, unit, value in rows:
-        print(f"| {what} | {unit} | {value:,.1f} |")
+
+def timed(fn, dev, repeat):
+    """Seconds per call, after one warm-up call."""
+    fn()
+    sync(dev)
+    t0 = time.time()
+    for _ in range(repeat):
+        fn()
+    sync(dev)
+    return (time.time() - t0) / repeat
+
+
+def sync(dev):
+    if dev.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def peak_mib(dev, reset=False):
+    """Peak memory: CUDA allocations since the last reset, or the process's peak resident set on a CPU
+    (which never goes down: on a CPU each row shows the peak so far)."""
+    if dev.type == 'cuda':
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_config(c, dev, flops, repeat):
+    torch.manual_seed(0)
+    B, g, rows = c['batch'], torch.Generator().manual_seed(0), []
+
+    def row(what, value, unit, **extra):
+        rows.append(dict(what=what, value=value, unit=unit, peak_mib=peak_mib(dev), **extra))
+        peak_mib(dev, reset=True)
+
+    for next_pos in ('relative', 'none'):  # the dual encoding against a plain GPT's single position table
+        cfg = GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
+                        n_head=c['n_head'], n_embd=c['n_embd'], next_pos=next_pos)
+        model = OAR(cfg).to(dev).train()
+        params, N = sum(p.numel() for p in model.parameters()), cfg.n_pos
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == 'cuda')
+        codes = torch.randint(0, cfg.vocab_size, (B, N), device=dev)
+
+        def train_step():
+            with autocast(dev):
+                loss = order_loss(model, codes, random_orders(B, N, g).to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        tps = B * N / timed(train_step, dev, repeat)
+        row(f"train, {'dual encoding' if next_pos == 'relative' else 'one position table'}", tps, 'tokens/s',
+            params=params, mfu=6 * params * tps / flops)
+        rows[-1]['what'] += f" ({100 * rows[-1]['mfu']:.1f}% of matmul peak)"
+    plain = rows[-1]['value']
+    rows[0]['what'] += f"; {100 * (1 - rows[0]['value'] / plain):+.1f}% slower than one table"
+    rows.pop()  # keep the plain table's figure only in that comparison
+    del opt
+    model = OAR(GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
+                          n_head=c['n_head'], n_embd=c['n_embd'])).to(dev).eval()
+    counted = []
+    burst = model.burst
+    model.burst = lambda prev, cur, cand, *a, **k: (counted.append(cand.numel()), burst(prev, cur, cand, *a, **k))[1]
+    row('sample raster', B / timed(lambda: generate(model, B, order=raster_orders(B, N)), dev, repeat), 'images/s')
+    counted.clear()
+    row('sample oar', B / timed(lambda: generate(model, B), dev, repeat), 'images/s')
+    need = B * N * (N + 1) // 2  # strictly needed: every free position once per step
+    row('sample oar: token evaluations / strict need', sum(counted) / (repeat + 1) / need, 'ratio')
+    burst_ips = B / timed(lambda: generate(model, B, teacher=codes, score='likelihood'), dev, repeat)
+    row('extract, burst scoring', burst_ips, 'images/s')
+    nb = max(1, B // 8)  # the naive recompute is O(N^3): fewer images, one repetition
+    naive_ips = nb / timed(lambda: generate(model, nb, teacher=codes[:nb], score='likelihood', naive=True), dev, 1)
+    row('extract, naive recompute', naive_ips, 'images/s')
+    row(f'extract burst / naive (target N/4 = {N / 4:.0f})', burst_ips / naive_ips, 'ratio')
     return rows
 
 
@@ -1076,7 +1191,24 @@ def load_model(path, meta, device):
     return model.to(device).eval()
 
 
+def dist_setup(device='auto'):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per
+    CPU worker with gloo; alone: rank 0 of 1."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    dev = pick_device(device)
+    if world == 1:
+        return 0, 1, dev
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    if dev.type == 'cuda':
+        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(dev)
+    return dist.get_rank(), world, dev
+
+
 def pick_device(name='auto'):
+    if torch.cuda.is_available():  # TF32 for the float32 matmuls left outside bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if name and name != 'auto':
         return torch.device(name)
     if torch.cuda.is_available():
@@ -1150,13 +1282,14 @@ def build_parser():
     s = sub.add_parser('extract', parents=[data], formatter_class=fmt, help='extract a greedy order per training image')
     s.add_argument('--ckpt', default=None, help='any-order checkpoint (default: OUT/any.pt)')
     s.add_argument('--orders', default=None, help='where to save the orders (default: OUT/orders.pt)')
-    s.add_argument('--n', type=int, default=0, help='extract for the first N training images (0: all)')
+    s.add_argument('--n', '--count', type=int, default=0,
+                   help='extract for the first N training images (0: all); under torchrun write --count, which it does not take for its own --nnodes')
     s.add_argument('--eval-n', type=int, default=1000, help='held-out test images for the report')
     s.add_argument('--lam', type=float, default=0.1, help='distance regularization: score - lam * jump')
     s.add_argument('--score', default='likelihood', choices=['likelihood', 'confidence'],
                    help='log p of the true token, or log max_v p (the model\'s own confidence)')
     s.add_argument('--batch-size', type=int, default=256, help='images extracted together')
-    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: all)')
+    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
     s.add_argument('--save-every', type=int, default=4, help='batches between saves of the orders file')
     s.add_argument('--naive', action='store_true', help='recompute the full prefix for every candidate (slow; for comparison)')
     s.set_defaults(func=extract)
@@ -1170,7 +1303,7 @@ def build_parser():
     s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
     s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump when choosing the next position')
     s.add_argument('--pos-temperature', type=float, default=0.0, help='oar: sample the next position at this temperature (0: best)')
-    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: all)')
+    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
     s.add_argument('--png', default=None, help='output PNG (default: OUT/samples_CKPT_ORDER.png)')
     s.set_defaults(func=sample)
 
@@ -1186,19 +1319,15 @@ def build_parser():
     s.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature')
     s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
     s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump')
-    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: all)')
+    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
     s.set_defaults(func=evaluate)
 
     s = sub.add_parser('bench', formatter_class=fmt, help='speed of training, sampling and extraction on this device')
-    s.add_argument('--grid', type=int, default=7, help='grid side (7: the CPU default; 16: the paper\'s)')
-    s.add_argument('--vocab', type=int, default=256, help='codebook size')
-    s.add_argument('--n-layer', type=int, default=4, help='transformer blocks')
-    s.add_argument('--n-head', type=int, default=4, help='attention heads')
-    s.add_argument('--n-embd', type=int, default=128, help='channels')
-    s.add_argument('--batch-size', type=int, default=64, help='images per batch')
+    s.add_argument('--config', default='both', choices=['default', 'paper', 'both'],
+                   help="default: the CPU pipeline's 7x7 model; paper: 16x16 grid, codebook 1024 (a ~100M GPT on a GPU)")
     s.add_argument('--repeat', type=int, default=3, help='timed repetitions of each measurement')
+    s.add_argument('--json', default='bench.json', help='where to write the figures as JSON')
     s.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
-    s.add_argument('--seed', type=int, default=0, help='random seed')
     s.set_defaults(func=bench)
     return p
 

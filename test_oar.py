@@ -314,13 +314,13 @@ def test_extract_finetune_sample_pipeline(tiny_run, tmp_path, monkeypatch, capsy
     extract = ['extract', '--out', out, '--n', '48', '--batch-size', '16', '--save-every', '1', '--eval-n', '16']
     with pytest.raises(SystemExit):
         oar.main(extract)
-    assert torch.load(f'{out}/orders.pt', weights_only=True)['done'] == 16
+    assert torch.load(f'{out}/orders.pt', weights_only=True)['filled'].sum() == 16
     monkeypatch.setattr(oar, 'generate', real_generate)
     oar.main(extract)
     oar.main(extract + ['--orders', f'{out}/straight.pt'])
     resumed = torch.load(f'{out}/orders.pt', weights_only=True)
     straight = torch.load(f'{out}/straight.pt', weights_only=True)
-    assert resumed['done'] == 48 and torch.equal(resumed['orders'], straight['orders'])
+    assert resumed['filled'].all() and torch.equal(resumed['orders'], straight['orders'])
     assert is_permutation(resumed['orders'].long()) and is_permutation(resumed['test_orders'].long())
     assert '| extracted |' in capsys.readouterr().out
 
@@ -663,3 +663,58 @@ def test_quick_pipeline_fills_every_row(tmp_path):
     steps = [line for line in (out / 'results.md').read_text().splitlines() if line.startswith('| ') and len(line.split('|')) == 4]
     assert len(steps) >= 7  # a wall time for every step
     assert (out / 'samples_oar_oar.gif').exists() and (out / 'eval_oar_oar_seed0_orders.png').exists()
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun, gloo on a CPU)
+
+def torchrun(argv, nproc=2):
+    import subprocess
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'oar.py', *argv]
+    run = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, PYTHONWARNINGS='ignore'))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def test_two_processes_train_like_one_and_shard_extraction(tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path)
+
+    def train(steps, ckpt, *extra):  # global batch 16: one process of 16, or two of 8
+        return ['train', '--out', out, '--order', 'any', '--steps', str(steps), '--save-every', '3', *TINY,
+                '--ckpt', f'{out}/{ckpt}', *extra]
+    oar.main(train(5, 'one.pt'))
+    torchrun(train(5, 'two.pt'))
+    one = torch.load(f'{out}/one.pt', weights_only=True)
+    two = torch.load(f'{out}/two.pt', weights_only=True)
+    diff = max((one['model'][k] - two['model'][k]).abs().max().item() for k in one['model'])
+    print(f"max |1 process - 2 processes| = {diff:.2e}")
+    assert two['step'] == 5 and diff < 1e-5, f"max weight diff {diff}"
+    # resume works with another number of processes: 2 processes to step 8, then 1 to step 10
+    torchrun(train(8, 'two.pt', '--resume'))
+    oar.main(train(10, 'two.pt', '--resume'))
+    oar.main(train(8, 'one.pt', '--resume'))  # the same schedules (--steps 8, then 10) in one process
+    oar.main(train(10, 'one.pt', '--resume'))
+    one = torch.load(f'{out}/one.pt', weights_only=True)['model']
+    two = torch.load(f'{out}/two.pt', weights_only=True)['model']
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert diff < 1e-5, f"after mixed resumes, max weight diff {diff}"
+    # sharded extraction equals unsharded, merged into one orders file
+    extract = ['extract', '--out', out, '--count', '40', '--batch-size', '8', '--eval-n', '8']
+    oar.main(extract + ['--orders', f'{out}/o1.pt'])
+    torchrun(extract + ['--orders', f'{out}/o2.pt'])
+    o1 = torch.load(f'{out}/o1.pt', weights_only=True)
+    o2 = torch.load(f'{out}/o2.pt', weights_only=True)
+    assert o2['filled'].all() and torch.equal(o1['orders'], o2['orders'])
+    assert not [f for f in os.listdir(out) if '.shard' in f], "shard files are merged and removed"
+
+
+@pytest.mark.parametrize('chunk', [1, 5, 16, None])
+def test_chunked_burst_equals_unchunked(chunk):
+    model = tiny_model(H=4, W=4)
+    codes = torch.randint(0, 11, (3, 16))
+    whole = oar.generate(model, 3, teacher=codes, score='likelihood', chunk=10 ** 6)[1]
+    assert torch.equal(oar.generate(model, 3, teacher=codes, score='likelihood', chunk=chunk)[1], whole)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = oar.generate(model, 3, chunk=10 ** 6, generator=g1)
+    b = oar.generate(model, 3, chunk=chunk, generator=g2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
