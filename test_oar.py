@@ -627,7 +627,8 @@ def test_fid_real_inception_weights():
     ref = oar.feature_stats(feats)
     clean = oar.frechet_distance(*ref, *ref)
     noisy = oar.frechet_distance(*oar.feature_stats(oar.inception_features(net, noised(real, 60), 'cpu')), *ref)
-    assert abs(clean) < 1e-6 and noisy > 1, f"FID against itself {clean}, against a noised copy {noisy}"
+    # 24 samples in 2048 dimensions: singular covariances, so "0" is 0 up to the square root's round-off
+    assert abs(clean) < 1e-2 and noisy > 1, f"FID against itself {clean}, against a noised copy {noisy}"
 
 
 def test_missing_inception_weights_message():
