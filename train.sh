@@ -4,7 +4,7 @@
 # and held-out bits per token. Writes OUT/results.md (the table, the wall time of every step), sample grids,
 # order maps and GIFs. Re-running resumes: finished checkpoints and orders are kept.
 #
-#   bash train.sh                # the full run (about 40 minutes on 2 CPU cores)
+#   bash train.sh                # the full run (about 35 minutes on 2 CPU cores)
 #   QUICK=1 bash train.sh        # the same steps with tiny sizes, a few minutes (the tests run this)
 #   OUT=elsewhere bash train.sh  # another output folder
 set -euo pipefail
