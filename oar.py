@@ -279,7 +279,7 @@ def tokenize(args):
         os.remove(partial)
     n = min(len(cache['test']), 2000 if tok.kind == 'kmeans' else 64)  # VQ-GAN decoding is slow on a CPU
     real = to_unit(ds['test'].read(0, n)[0]).expand(-1, described['channels'], -1, -1)
-    recon = torch.cat([tok.decode(cache['test'][i:i + enc_batch].long().to(dev)).cpu() for i in range(0, n, enc_batch)])
+    recon = decode(tok, cache['test'][:n].long().flatten(1), H, W, enc_batch)
     mse = F.mse_loss((recon[:len(real)] + 1) / 2, (real + 1) / 2).item()
     print(f"tokenized {len(cache['train'])} train + {len(cache['test'])} test images into {H}x{W} codes "
           f"(K={described['codebook_size']}) in {time.time() - t0:.0f}s"
@@ -807,21 +807,13 @@ def sample(args):
     dev = pick_device(args.device)
     tok = load_tokenizer(args, dev)
     model = load_model(args.ckpt, data['meta'], dev)
-    N, (H, W) = model.cfg.n_pos, data['meta']['grid']
+    H, W = data['meta']['grid']
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    codes, orders = [], []
     t0 = time.time()
-    for i in tqdm(range(0, args.n, args.batch_size), desc=f'sample {args.order}'):
-        b = min(args.batch_size, args.n - i)
-        order = {'raster': raster_orders(b, N), 'random': random_orders(b, N, g), 'oar': None}[args.order]
-        c, o = generate(model, b, order=order, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
-                        pos_temperature=args.pos_temperature, chunk=args.chunk, generator=g)
-        codes.append(c.cpu())
-        orders.append(o.cpu())
-    codes, orders = torch.cat(codes), torch.cat(orders)
+    codes, orders = sample_codes(model, args.n, args.order, args, g)
     dt = time.time() - t0
-    images = torch.cat([tok.decode(codes[i:i + 32].view(-1, H, W)).cpu() for i in range(0, len(codes), 32)])
+    images = decode(tok, codes, H, W)
     stem = args.png or os.path.join(args.out, f"samples_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{args.order}")
     stem = stem[:-4] if stem.endswith('.png') else stem
     save_grid(images[:64], stem + '.png')
@@ -832,10 +824,28 @@ def sample(args):
     return codes, orders
 
 
+def sample_codes(model, n, order_kind, args, generator):
+    """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size at a time."""
+    N = model.cfg.n_pos
+    codes, orders = [], []
+    for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
+        b = min(args.batch_size, n - i)
+        fixed = {'raster': raster_orders(b, N), 'random': random_orders(b, N, generator), 'oar': None}[order_kind]
+        c, o = generate(model, b, order=fixed, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
+                        pos_temperature=args.pos_temperature, chunk=args.chunk, generator=generator)
+        codes.append(c.cpu())
+        orders.append(o.cpu())
+    return torch.cat(codes), torch.cat(orders)
+
+
+def decode(tok, codes, H, W, batch=32):
+    """Codes (n, H*W) -> images (n, C, S, S) on the CPU, decoded a batch at a time on the tokenizer's device."""
+    return torch.cat([tok.decode(codes[i:i + batch].view(-1, H, W)).cpu() for i in range(0, len(codes), batch)])
+
+
 def to_pil(images, scale=1):
     """(B, C, H, W) in [-1, 1] -> list of RGB PIL images, each enlarged `scale` times."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    x = to_uint8(images).expand(-1, 3, -1, -1)
     return [Image.fromarray(a.permute(1, 2, 0).numpy()).resize((a.shape[2] * scale, a.shape[1] * scale), Image.NEAREST)
             for a in x]
 
@@ -970,8 +980,7 @@ def evaluate(args):
     rows = []
     if args.recon:
         t0 = time.time()
-        codes = data['test'][:args.n]
-        images = torch.cat([tok.decode(codes[i:i + 32].to(dev)).cpu() for i in range(0, len(codes), 32)])
+        images = decode(tok, data['test'][:args.n].flatten(1), H, W)
         fid = frechet_distance(*feature_stats(inception_features(net, to_uint8(images), dev, desc='inception (recon)')),
                                mu_r, sig_r)
         rows.append(dict(model='tokenizer', order='reconstruction', seed='-', n=args.n, fid=fid, jump=None,
@@ -990,22 +999,17 @@ def evaluate(args):
             t0 = time.time()
             g = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
-            codes, orders = [], []
-            for i in tqdm(range(0, args.n, args.batch_size), desc=f'sample {os.path.basename(path)} {order_kind}', leave=False):
-                b = min(args.batch_size, args.n - i)
-                fixed = {'raster': raster_orders(b, H * W), 'random': random_orders(b, H * W, g), 'oar': None}[order_kind]
-                c, o = generate(model, b, order=fixed, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
-                                chunk=args.chunk, generator=g)
-                codes.append(c.cpu())
-                orders.append(o.cpu())
-            codes, orders = torch.cat(codes), torch.cat(orders)
+            codes, orders = sample_codes(model, args.n, order_kind, args, g)
             sample_seconds = time.time() - t0
-            images = torch.cat([tok.decode(codes[i:i + 32].view(-1, H, W).to(dev)).cpu() for i in range(0, len(codes), 32)])
-            stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_{order_kind}_seed{seed}")
+            images = decode(tok, codes, H, W)
+            knobs = [f'{k} {v}' for k, v in (('lam', args.lam), ('pos-T', args.pos_temperature)) if v and order_kind == 'oar']
+            label = ' '.join([order_kind] + knobs)  # the sampling settings, in the row and in the file names
+            stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_"
+                                          f"{label.replace(' ', '_')}_seed{seed}")
             save_grid(images[:64], stem + '.png')
             save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
             feats = inception_features(net, to_uint8(images), dev, desc='inception (samples)')
-            rows.append(dict(model=os.path.basename(path), order=order_kind, seed=seed, n=args.n,
+            rows.append(dict(model=os.path.basename(path), order=label, seed=seed, n=args.n,
                              fid=frechet_distance(*feature_stats(feats), mu_r, sig_r), jump=mean_jump(orders, W),
                              bits=bits, seconds=time.time() - t0, sample_seconds=sample_seconds, grid=stem + '.png'))
             print(result_line(rows[-1]))
@@ -1172,16 +1176,12 @@ def load_checkpoint(path, meta, cfg=None):
     if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
         raise OARError(f"{path} is not an OAR checkpoint")
     if ckpt['tokens'] != tokens_id(meta):
-        raise OARError(f"{path} was trained on other tokens ({ckpt['tokens']}) than {tokens_path_hint(meta)} "
-                       f"({tokens_id(meta)}): use the --out it was trained in")
+        raise OARError(f"{path} was trained on other tokens ({ckpt['tokens']}) than the token cache of "
+                       f"{meta['data']} ({tokens_id(meta)}): use the --out it was trained in")
     if cfg is not None and ckpt['config'] != asdict(cfg):
         diff = ', '.join(f"{k}={v} (flags: {asdict(cfg)[k]})" for k, v in ckpt['config'].items() if asdict(cfg).get(k) != v)
         raise OARError(f"{path} comes from another config: {diff}; pass matching flags or another --ckpt")
     return ckpt
-
-
-def tokens_path_hint(meta):
-    return f"the token cache ({meta['data']})"
 
 
 def load_model(path, meta, device):
@@ -1319,6 +1319,7 @@ def build_parser():
     s.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature')
     s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
     s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump')
+    s.add_argument('--pos-temperature', type=float, default=0.0, help='oar: sample the next position at this temperature (0: best)')
     s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
     s.set_defaults(func=evaluate)
 
