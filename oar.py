@@ -710,10 +710,21 @@ def sample_token(logits, temperature=1.0, top_k=0, generator=None):
 
 # ----------------------------------------------------------------------------- 3. order extraction
 
+def read_orders(path):
+    """An orders file (or shard): orders (n, N), filled (n,) which rows are done, setting, tokens, test_orders."""
+    try:
+        of = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise OARError(f"{path} is not a readable orders file ({type(e).__name__}): delete it and extract again")
+    if 'filled' not in of:  # written before extraction was sharded: its first `done` rows are filled
+        of['filled'] = torch.arange(len(of['orders'])) < of.pop('done')
+    return of
+
+
 def load_orders(path, meta):
     if not os.path.exists(path):
         raise OARError(f"no orders at {path}: run 'python oar.py extract' first")
-    of = torch.load(path, weights_only=True)
+    of = read_orders(path)
     if of['tokens'] != tokens_id(meta):
         raise OARError(f"{path} was extracted from other tokens than this --out holds: extract again")
     if not of['filled'].all() or 'test_orders' not in of:
@@ -736,7 +747,7 @@ def extract(args):
               setting=setting, tokens=tokens_id(data['meta']))
     for path in [args.orders] + sorted(glob.glob(args.orders + '.shard*')):  # finished work, of any world size
         if os.path.exists(path):
-            done = torch.load(path, weights_only=True)
+            done = read_orders(path)
             if done.get('setting') != setting or done['tokens'] != of['tokens']:
                 raise OARError(f"{path} holds orders of another extraction ({done.get('setting')}): "
                                f"delete it or pass another --orders")
@@ -765,7 +776,7 @@ def extract(args):
         dist.barrier()
         if rank == 0:
             for path in sorted(glob.glob(args.orders + '.shard*')):
-                done = torch.load(path, weights_only=True)
+                done = read_orders(path)
                 of['orders'][done['filled']] = done['orders'][done['filled']]
                 of['filled'] |= done['filled']
             save_atomic(of, args.orders)

@@ -343,6 +343,18 @@ def test_extract_finetune_sample_pipeline(tiny_run, tmp_path, monkeypatch, capsy
             assert os.path.getsize(png[:-4] + suffix) > 0
 
 
+def test_orders_file_errors_and_older_format(tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    (tmp_path / 'junk.pt').write_bytes(b'junk')
+    err = run_error(['finetune', '--out', out, '--orders', str(tmp_path / 'junk.pt'), '--steps', '1'], capsys)
+    assert 'not a readable orders file' in err
+    err = run_error(['finetune', '--out', out, '--orders', str(tmp_path / 'none.pt'), '--steps', '1'], capsys)
+    assert 'run \'python oar.py extract\' first' in err
+    # a file from before sharding counted finished rows with `done`: read as a mask of the first `done` rows
+    torch.save(dict(orders=torch.zeros(4, 16, dtype=torch.int16), done=2, setting={}, tokens='x'), tmp_path / 'old.pt')
+    assert oar.read_orders(str(tmp_path / 'old.pt'))['filled'].tolist() == [True, True, False, False]
+
+
 def test_mean_jump_of_raster_order():
     W = 7  # 6 unit steps per row, then a wrap of sqrt(6^2 + 1) to the next row
     want = (7 * 6 + 6 * math.sqrt(37)) / 48
