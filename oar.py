@@ -482,6 +482,27 @@ def mean_jump(order, W):
     return grid_distance(order[:, 1:], order[:, :-1], W).mean().item()
 
 
+def local_orders(B, H, W, scale, generator=None):
+    """Random orders biased toward short jumps (`train --order local`; our scheme for the paper's open question
+    of locality at training time). A random walk: the first position is uniform, then each step moves to a free
+    position j with probability proportional to exp(-d(cur, j) / scale), d the grid distance. One parameter:
+    scale -> infinity gives uniformly random orders, scale -> 0 always a nearest free neighbour."""
+    N = H * W
+    pos = torch.arange(N)
+    dist_table = grid_distance(pos[:, None], pos[None], W)                    # (N, N)
+    u = torch.rand(B, N, N, generator=generator).clamp(1e-12, 1 - 1e-7)
+    gumbel = -(-u.log()).log()                        # argmax(logits + Gumbel noise) samples softmax(logits)
+    order = torch.empty(B, N, dtype=torch.long)
+    free = torch.ones(B, N, dtype=torch.bool)
+    rows = torch.arange(B)
+    cur = None
+    for t in range(N):
+        logits = gumbel[:, t] if cur is None else gumbel[:, t] - dist_table[cur] / scale
+        cur = logits.masked_fill(~free, float('-inf')).argmax(1)
+        order[:, t], free[rows, cur] = cur, False
+    return order
+
+
 # ----------------------------------------------------------------------------- 2. any-order training
 
 def order_loss(model, codes, order, labels=None):
@@ -490,25 +511,29 @@ def order_loss(model, codes, order, labels=None):
     return F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
 
 
-def make_orders(kind, idx, N, generator, orders=None):
-    """Orders for a batch of images `idx`: raster, fresh random, or the extracted order of each image."""
+def make_orders(kind, idx, cfg, generator, orders=None, scale=1.0):
+    """Orders for a batch of images `idx`: raster, fresh random, random local (walks of short jumps at `scale`),
+    or the extracted order of each image."""
     if kind == 'raster':
-        return raster_orders(len(idx), N)
+        return raster_orders(len(idx), cfg.n_pos)
     if kind == 'any':
-        return random_orders(len(idx), N, generator)
+        return random_orders(len(idx), cfg.n_pos, generator)
+    if kind == 'local':
+        return local_orders(len(idx), cfg.grid_h, cfg.grid_w, scale, generator)
     return orders[idx]
 
 
 @torch.no_grad()
-def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1234):
-    """Bits per token on held-out codes under an order kind, with seeded random orders so runs compare."""
+def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1234, scale=1.0):
+    """Bits per token on held-out codes under an order kind, with seeded random orders so runs compare;
+    a class-conditional model is given the true `labels`."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
     total = 0.0
     for i in range(0, len(codes), batch):
         idx = torch.arange(i, min(i + batch, len(codes)))
-        order = make_orders(kind, idx, codes.shape[1], g, orders).to(dev)
+        order = make_orders(kind, idx, model.cfg, g, orders, scale).to(dev)
         with autocast(dev):
             total += order_loss(model, codes[idx].to(dev), order,
                                 None if labels is None else labels[idx].to(dev)).item() * len(idx)
@@ -524,24 +549,34 @@ def lr_at(step, args):
 
 
 def train(args):
-    """`train --order any|raster` and `finetune` (order 'extracted'): one loop."""
+    """`train --order any|raster|local` and `finetune` (order 'extracted'): one loop. With --classes (or an
+    --init that has them) the START token is the image's class embedding, replaced by the null class with
+    probability --label-drop so that the same model also samples unconditionally (classifier-free guidance)."""
     rank, world, dev = dist_setup(args.device)
     if args.batch_size % world:
         raise OARError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the {world} processes")
     data = load_tokens(args, build=world == 1)  # under torchrun, tokenize first: the processes must not race
-    codes = data['train'].flatten(1)                            # (n, N)
-    test = data['test'].flatten(1)[:args.eval_n]
+    codes, labels = data['train'].flatten(1), data['train_labels'].long()     # (n, N), (n,)
+    test, test_labels = data['test'].flatten(1)[:args.eval_n], data['test_labels'].long()[:args.eval_n]
     H, W = data['meta']['grid']
     orders = test_orders = None
     if args.order == 'extracted':  # fine-tuning: the any-order model on its extracted orders, a fresh optimizer
         of = load_orders(args.orders, data['meta'])
         orders, test_orders = of['orders'].long(), of['test_orders'].long()
         codes, test = codes[:len(orders)], data['test'].flatten(1)[:len(test_orders)]
+        test_labels = data['test_labels'].long()[:len(test_orders)]
         init = load_checkpoint(args.init, data['meta'])
         cfg = GPTConfig(**init['config'])
     else:
+        n_class = len(data['meta']['classes']) if args.classes else 0
+        if args.classes and n_class < 2:
+            raise OARError(f"--classes: {data['meta']['data']} has no classes (an image folder needs one sub-folder per class)")
         cfg = GPTConfig(vocab_size=data['meta']['vocab'], grid_h=H, grid_w=W, n_layer=args.n_layer,
-                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, next_pos=args.next_pos)
+                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, next_pos=args.next_pos,
+                        n_class=n_class)
+    if not cfg.n_class:
+        labels = test_labels = None
+    scale = getattr(args, 'local_scale', 1.0)
     step, ckpt = 0, None
     if os.path.exists(args.ckpt):
         if not args.resume:
@@ -563,14 +598,18 @@ def train(args):
     fwd = torch.compile(fwd) if args.compile else fwd
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
-        print(f"{args.order} order: {n_params / 1e6:.2f}M parameters, {len(codes)} images of {H}x{W} codes, "
+        what = f"{args.order} order" + (f" (scale {scale}, training orders' mean jump "
+                                         f"{mean_jump(local_orders(256, H, W, scale, torch.Generator().manual_seed(0)), W):.2f})"
+                                         if args.order == 'local' else '')
+        print(f"{what}: {n_params / 1e6:.2f}M parameters, {len(codes)} images of {H}x{W} codes"
+              f"{f', {cfg.n_class} classes (label dropout {args.label_drop})' if cfg.n_class else ''}, "
               f"device {dev}{f' x {world} processes' if world > 1 else ''}")
 
     def save(step):
         if rank > 0:  # one writer; every process holds the same weights
             return
         save_atomic(dict(model=model.state_dict(), optim=opt.state_dict(), config=asdict(cfg), step=step,
-                         order=args.order, tokens=tokens_id(data['meta'])), args.ckpt)
+                         order=args.order, local_scale=scale, tokens=tokens_id(data['meta'])), args.ckpt)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
     t0, tokens_seen = time.time(), 0
@@ -578,17 +617,20 @@ def train(args):
     try:
         while step < args.steps:
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps - 1):
-                bits = heldout_bits(model, test, args.order, orders=test_orders)
+                bits = heldout_bits(model, test, args.order, orders=test_orders, labels=test_labels, scale=scale)
                 bar.write(f"step {step}: held-out {bits:.3f} bits/token ({args.order} order)")
             model.train()
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # batch of step s is a function of s: exact resume
             idx = torch.randint(len(codes), (args.batch_size,), generator=g)   # the global batch, the same in every process
-            order = make_orders(args.order, idx, cfg.n_pos, g, orders)
+            order = make_orders(args.order, idx, cfg, g, orders, scale)
+            if labels is not None:  # label dropout: the null class (last START row) teaches the unconditional model
+                y = labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_drop, cfg.n_class)
             mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
             for group in opt.param_groups:
                 group['lr'] = lr_at(step, args)
             with autocast(dev):
-                loss = order_loss(fwd, codes[idx[mine]].to(dev), order[mine].to(dev))
+                loss = order_loss(fwd, codes[idx[mine]].to(dev), order[mine].to(dev),
+                                  None if labels is None else y[mine].to(dev))
             if world > 1:  # every process stops together if any one sees a NaN
                 loss_all = loss.detach().clone()
                 dist.all_reduce(loss_all)
@@ -622,47 +664,68 @@ def train(args):
     if tokens_seen:
         dt = time.time() - t0
         print(f"{tokens_seen / dt:,.0f} training tokens/s ({dt:.0f}s on {dev}{f' x {world}' if world > 1 else ''})")
-    bits = heldout_bits(model, test, args.order, orders=test_orders)
+    bits = heldout_bits(model, test, args.order, orders=test_orders, labels=test_labels, scale=scale)
     print(f"final held-out {bits:.3f} bits/token ({args.order} order); "
           f"unigram entropy {unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
     if args.order == 'extracted':  # the fine-tuned model under the orders the any-order model extracted
-        print(order_report(model.eval(), test, test_orders))
+        print(order_report(model.eval(), test, test_orders, labels=test_labels))
     return model
 
 
 # ----------------------------------------------------------------------------- 3 and 5. the one autoregressive loop
 
 @torch.no_grad()
-def generate(model, B, order=None, teacher=None, score='confidence', lam=0.0, temperature=1.0, top_k=0,
-             pos_temperature=0.0, chunk=None, labels=None, generator=None, naive=False, progress=False):
+def generate(model, B, order=None, teacher=None, prompt=None, known=None, score='confidence', lam=0.0, temperature=1.0,
+             top_k=0, pos_temperature=0.0, chunk=None, labels=None, cfg=None, generator=None, naive=False, progress=False):
     """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order), (B, N).
 
     - fixed `order` (B, N): raster or random sampling, the position of each step is given;
     - otherwise every free position is scored (burst), `score(j) - lam * d(cur, j)`, and the best one taken
       (or one sampled at `pos_temperature`): OAR sampling (PAPER.md section 5), or with `teacher` codes and
-      `score='likelihood'`, teacher-forced order extraction (section 3).
+      `score='likelihood'`, teacher-forced order extraction (section 3);
+    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order, unchanged;
+      then the rest is filled as above (a fixed `order` is then (B, N - known.sum()), the order of the rest);
+    - `labels` (B,) classes of a class-conditional model; `cfg` a guidance scale s: the logits are
+      s * conditional + (1 - s) * unconditional (null class), so s = 1 is the conditional model, s = 0 the
+      unconditional one. Each half has its own KV cache.
     `naive` recomputes the full prefix for every candidate instead of using the KV cache (for benchmarks)."""
-    cfg, dev = model.cfg, next(model.parameters()).device
-    N, W = cfg.n_pos, cfg.grid_w
-    chunk = chunk or auto_chunk(cfg, B, dev)
-    cache = KVCache(cfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
-    codes = teacher.clone().to(dev) if teacher is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
+    mcfg, dev = model.cfg, next(model.parameters()).device
+    N, W = mcfg.n_pos, mcfg.grid_w
+    chunk = chunk or auto_chunk(mcfg, B, dev)
+    null = None if cfg is None else torch.full((B,), mcfg.n_class, dtype=torch.long, device=dev)
+    labels = None if labels is None else labels.to(dev)
+    caches = [KVCache(mcfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
+              for _ in range(1 if cfg is None else 2)]
+    first = torch.zeros(0, dtype=torch.long, device=dev) if known is None else known.to(dev).nonzero()[:, 0]
+    P = len(first)                                  # steps that feed the prompt's known codes
+    given = teacher if teacher is not None else prompt
+    codes = given.clone().to(dev) if given is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
     chosen = torch.zeros(B, N, dtype=torch.long, device=dev)
     free = torch.ones(B, N, dtype=torch.bool, device=dev)
     prev = torch.full((B,), -1, device=dev)  # START
     cur = torch.full((B,), N, device=dev)    # START's virtual centre
     rows = torch.arange(B, device=dev)
+
+    def step_logits(cand, cache, y):
+        if not naive:
+            return model.burst(prev, cur, cand, cache, y, chunk)                             # (B, K, V)
+        K, t = cand.size(1), cache.len
+        prefix = torch.cat([chosen[:, :t, None].expand(B, t, K), cand[:, None]], 1)        # (B, t+1, K)
+        cache.len += 1
+        return model(codes.repeat_interleave(K, 0), prefix.permute(0, 2, 1).reshape(B * K, t + 1),
+                     None if y is None else y.repeat_interleave(K))[:, -1].view(B, K, -1)
+
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
-        cand = order[:, t:t + 1].to(dev) if order is not None else free.nonzero()[:, 1].view(B, N - t)  # (B, K)
+        if t < P:                                                   # a known code of the prompt
+            cand = first[t].expand(B, 1)
+        elif order is not None:                                     # a given order
+            cand = order[:, t - P:t - P + 1].to(dev)
+        else:                                                       # every free position: (B, K)
+            cand = free.nonzero()[:, 1].view(B, N - t)
         with autocast(dev):
-            if naive:
-                K = cand.size(1)
-                prefix = torch.cat([chosen[:, :t, None].expand(B, t, K), cand[:, None]], 1)  # (B, t+1, K)
-                logits = model(codes.repeat_interleave(K, 0), prefix.permute(0, 2, 1).reshape(B * K, t + 1),
-                               None if labels is None else labels.repeat_interleave(K))[:, -1].view(B, K, -1)
-            else:
-                logits = model.burst(prev, cur, cand, cache, labels, chunk)               # (B, K, V)
-        logits = logits.float()
+            logits = step_logits(cand, caches[0], labels).float()
+            if cfg is not None:
+                logits = logits * cfg + step_logits(cand, caches[1], null).float() * (1 - cfg)
         if cand.size(1) == 1:
             pick = torch.zeros(B, dtype=torch.long, device=dev)
         else:
@@ -676,10 +739,11 @@ def generate(model, B, order=None, teacher=None, score='confidence', lam=0.0, te
             pick = s.argmax(1) if pos_temperature == 0 else \
                 torch.multinomial((s / pos_temperature).softmax(1), 1, generator=generator)[:, 0]
         pos = cand[rows, pick]
-        if teacher is None:
+        if teacher is None and t >= P:
             codes[rows, pos] = sample_token(logits[rows, pick], temperature, top_k, generator)
         if not naive:
-            cache.commit(pick)
+            for cache in caches:
+                cache.commit(pick)
         chosen[:, t], free[rows, pos] = pos, False
         prev, cur = codes[rows, pos], pos
     return codes, chosen
@@ -797,13 +861,13 @@ def extract(args):
     print(f"saved {args.orders}")
 
 
-def order_report(model, test, test_orders, train_orders=None):
+def order_report(model, test, test_orders, train_orders=None, labels=None):
     """Markdown table: held-out bits/token and mean jump under extracted, random and raster orders."""
     W = model.cfg.grid_w
     g = torch.Generator().manual_seed(1234)
-    rows = [('extracted', heldout_bits(model, test, 'extracted', orders=test_orders), mean_jump(test_orders, W)),
-            ('random', heldout_bits(model, test, 'any'), mean_jump(random_orders(len(test), test.shape[1], g), W)),
-            ('raster', heldout_bits(model, test, 'raster'), mean_jump(raster_orders(1, test.shape[1]), W))]
+    rows = [('extracted', heldout_bits(model, test, 'extracted', orders=test_orders, labels=labels), mean_jump(test_orders, W)),
+            ('random', heldout_bits(model, test, 'any', labels=labels), mean_jump(random_orders(len(test), test.shape[1], g), W)),
+            ('raster', heldout_bits(model, test, 'raster', labels=labels), mean_jump(raster_orders(1, test.shape[1]), W))]
     lines = [f"held-out ({len(test)} test images)", '| order | bits/token | mean jump |', '|---|---|---|']
     lines += [f'| {name} | {bits:.3f} | {jump:.2f} |' for name, bits, jump in rows]
     if train_orders is not None:
@@ -1271,10 +1335,16 @@ def build_parser():
         s.add_argument('--save-every', type=int, default=500, help='steps between checkpoints')
         s.add_argument('--resume', action='store_true', help='continue from --ckpt if it exists')
         s.add_argument('--compile', action='store_true', help='torch.compile the model')
+        s.add_argument('--label-drop', type=float, default=0.1,
+                       help='class-conditional models: probability of training on the null class instead (for --cfg)')
 
     s = sub.add_parser('train', parents=[data], formatter_class=fmt, help='train on raster or random orders')
     trainer_flags(s, steps=3000, lr=2e-3, min_lr=1e-4, warmup=100)
-    s.add_argument('--order', default='any', choices=['any', 'raster'], help='any: a fresh random order per image; raster: the baseline')
+    s.add_argument('--order', default='any', choices=['any', 'raster', 'local'],
+                   help='any: a fresh random order per image; raster: the baseline; local: random walks of short jumps')
+    s.add_argument('--local-scale', type=float, default=1.0,
+                   help='--order local: each step goes to free position j with probability ~ exp(-distance / scale)')
+    s.add_argument('--classes', action='store_true', help="class-conditional: the START token is the image's class")
     s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/ORDER.pt)')
     s.add_argument('--n-layer', type=int, default=4, help='transformer blocks')
     s.add_argument('--n-head', type=int, default=4, help='attention heads')
@@ -1311,6 +1381,8 @@ def build_parser():
         s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump when choosing the next position')
         s.add_argument('--pos-temperature', type=float, default=0.0, help='oar: sample the next position at this temperature (0: best)')
         s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
+        s.add_argument('--cfg', type=float, default=1.0,
+                       help='class-conditional models: classifier-free guidance scale (1: plain conditional, 0: unconditional)')
 
     s = sub.add_parser('sample', parents=[data], formatter_class=fmt, help='sample images, save a PNG grid')
     s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
@@ -1318,6 +1390,8 @@ def build_parser():
     s.add_argument('--n', type=int, default=64, help='number of samples')
     s.add_argument('--batch-size', type=int, default=64, help='samples generated together')
     sampling_flags(s)
+    s.add_argument('--class', dest='label', type=int, default=None,
+                   help='class-conditional models: sample this class (default: a grid with one column per class)')
     s.add_argument('--png', default=None, help='output PNG (default: OUT/samples_CKPT_ORDER.png)')
     s.set_defaults(func=sample)
 
