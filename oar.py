@@ -1043,7 +1043,7 @@ def mask_grid(mask, H, W):
 
 def inpaint(args):
     """Complete test images (the first --n) or --image files whose --mask cells are unknown: their known codes
-    are fed first, then each --orders kind fills the rest. Saves, per image: input | masked input | result and
+    are fed first, then each --fill order fills the rest. Saves, per image: input | masked input | result and
     order map for each order. With --fid, the FID of the completed test images against the real ones."""
     data = load_tokens(args, build=False)
     dev = pick_device(args.device)
@@ -1071,7 +1071,7 @@ def inpaint(args):
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     done = {}
-    for kind in args.orders:
+    for kind in args.fill:
         parts = []
         for i in tqdm(range(0, n, args.batch_size), desc=f'inpaint {kind}', leave=False):
             b = min(args.batch_size, n - i)
@@ -1091,17 +1091,17 @@ def inpaint(args):
     S = real.shape[-1]
     hidden = F.interpolate(fill.view(1, 1, H, W).float(), size=S, mode='nearest').bool()
     columns = [real, real.masked_fill(hidden, 0.0)]  # the unknown cells grey
-    for kind in args.orders:
+    for kind in args.fill:
         columns.append(decode(tok, done[kind][0][:k], H, W).expand(-1, 3, -1, -1))
         columns.append(torch.stack([F.interpolate(order_map(o, H, W, ~fill)[None], size=S, mode='nearest')[0]
                                     for o in done[kind][1][:k]]))
     save_grid(torch.stack(columns, 1).flatten(0, 1), stem + '.png', nrow=len(columns))
-    print(f"saved {stem}.png (per row: input, mask, then result and order map for {', '.join(args.orders)})")
+    print(f"saved {stem}.png (per row: input, mask, then result and order map for {', '.join(args.fill)})")
     if args.fid:
         net = torch.jit.load(find_inception(args.inception), map_location=dev).eval()
         mu_r, sig_r, _ = reference_stats(args, net, dev)
         rows = []
-        for kind in args.orders:
+        for kind in args.fill:
             t0 = time.time()
             feats = inception_features(net, to_uint8(decode(tok, done[kind][0], H, W)), dev, desc='inception (inpainted)')
             knobs = [f'cfg {args.cfg:g}'] if model.cfg.n_class else []
@@ -1601,7 +1601,7 @@ def build_parser():
     s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
     s.add_argument('--image', nargs='+', default=None, help='image files to complete (default: the first --n test images)')
     s.add_argument('--mask', default='centre', help=f"cells to generate: {', '.join(MASKS)} (outpainting), or a PNG (white = generate)")
-    s.add_argument('--orders', nargs='+', default=['raster', 'random', 'oar'], choices=['raster', 'random', 'oar'],
+    s.add_argument('--fill', nargs='+', default=['raster', 'random', 'oar'], choices=['raster', 'random', 'oar'],
                    help='orders that fill the masked cells, one column pair each in the figure')
     s.add_argument('--n', type=int, default=8, help='test images to complete (without --image)')
     s.add_argument('--batch-size', type=int, default=250, help='images completed together')

@@ -862,7 +862,7 @@ def test_inpaint_cli_on_test_images_and_files(tiny_run, tmp_path, capsys):
         assert torch.equal(done[kind][0][:, known], data['test'][:6].flatten(1)[:, known])
     assert os.path.getsize(f'{out}/inpaint_any_left.png') > 0
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / 'x.png')
-    done = oar.main(['inpaint', '--out', out, '--image', str(tmp_path / 'x.png'), '--mask', 'outside', '--orders', 'oar'])
+    done = oar.main(['inpaint', '--out', out, '--image', str(tmp_path / 'x.png'), '--mask', 'outside', '--fill', 'oar'])
     assert done['oar'][0].shape == (1, 16)
     assert 'leave out --image' in run_error(['inpaint', '--out', out, '--image', str(tmp_path / 'x.png'), '--fid'], capsys)
 
