@@ -931,16 +931,19 @@ def guidance(model, args):
     return None if args.cfg == 1 else args.cfg
 
 
-def sample_codes(model, n, order_kind, args, generator, labels=None):
-    """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size at a time."""
-    N, cfg = model.cfg.n_pos, guidance(model, args)
+def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None, known=None):
+    """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size at a time.
+    Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order kind fills the rest."""
+    cfg = guidance(model, args)
+    rest = torch.arange(model.cfg.n_pos) if known is None else (~known).nonzero()[:, 0]  # the positions to fill
     codes, orders = [], []
     for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
         b = min(args.batch_size, n - i)
-        fixed = {'raster': raster_orders(b, N), 'random': random_orders(b, N, generator), 'oar': None}[order_kind]
+        fixed = {'raster': rest.expand(b, -1), 'random': rest[random_orders(b, len(rest), generator)], 'oar': None}[order_kind]
         c, o = generate(model, b, order=fixed, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
                         pos_temperature=args.pos_temperature, chunk=args.chunk, generator=generator,
-                        labels=None if labels is None else labels[i:i + b], cfg=cfg)
+                        labels=None if labels is None else labels[i:i + b], cfg=cfg,
+                        prompt=None if prompt is None else prompt[i:i + b], known=known)
         codes.append(c.cpu())
         orders.append(o.cpu())
     return torch.cat(codes), torch.cat(orders)
@@ -1060,28 +1063,21 @@ def inpaint(args):
         if data['meta']['tokenizer']['channels'] == 1:
             images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
         codes = torch.cat([tok.encode(to_unit(images[i:i + 32]).to(dev)).cpu() for i in range(0, len(images), 32)])
-        labels = None if not model.cfg.n_class else class_labels(model, len(images), args.label) \
-            if args.label is not None else torch.full((len(images),), model.cfg.n_class)  # no class: the null one
+        labels = None
+        if model.cfg.n_class:  # the --class given, or else the null class
+            labels = (torch.full((len(images),), model.cfg.n_class) if args.label is None
+                      else class_labels(model, len(images), args.label))
     else:
         images = open_dataset(args.data, data['meta']['image_size'])['test'].read(0, args.n)[0]
         codes = data['test'][:len(images)]
         labels = data['test_labels'].long()[:len(images)] if model.cfg.n_class else None
     codes, n, P = codes.flatten(1).long(), len(images), int((~fill).sum())
-    rest = fill.nonzero()[:, 0]                     # the positions to fill, in raster order
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     done = {}
     for kind in args.fill:
-        parts = []
-        for i in tqdm(range(0, n, args.batch_size), desc=f'inpaint {kind}', leave=False):
-            b = min(args.batch_size, n - i)
-            fixed = {'raster': rest.expand(b, -1), 'random': rest[random_orders(b, len(rest), g)], 'oar': None}[kind]
-            parts.append(generate(model, b, order=fixed, prompt=codes[i:i + b], known=~fill, lam=args.lam,
-                                  temperature=args.temperature, top_k=args.top_k, pos_temperature=args.pos_temperature,
-                                  chunk=args.chunk, labels=None if labels is None else labels[i:i + b],
-                                  cfg=guidance(model, args), generator=g))
-        done[kind] = tuple(torch.cat([p[j].cpu() for p in parts]) for j in (0, 1))
-        print(f"{kind}: filled {len(rest)} of {H * W} codes in {n} images; mean jump of the filling "
+        done[kind] = sample_codes(model, n, kind, args, g, labels, prompt=codes, known=~fill)
+        print(f"{kind}: filled {int(fill.sum())} of {H * W} codes in {n} images; mean jump of the filling "
               f"{mean_jump(done[kind][1][:, P:], W):.2f}")
     mask_name = args.mask if args.mask in MASKS else os.path.splitext(os.path.basename(args.mask))[0]
     stem = args.png or os.path.join(args.out, f"inpaint_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{mask_name}")
