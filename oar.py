@@ -628,7 +628,7 @@ def train(args):
             mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
             for group in opt.param_groups:
                 group['lr'] = lr_at(step, args)
-            with autocast(dev):
+            with autocast(dev, args.bf16):
                 loss = order_loss(fwd, codes[idx[mine]].to(dev), order[mine].to(dev),
                                   None if labels is None else y[mine].to(dev))
             if world > 1:  # every process stops together if any one sees a NaN
@@ -1127,7 +1127,7 @@ def distill(args):
     shared = {k: getattr(args, k) for k in ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size',
                                             'device', 'seed', 'eval_n')}
     trainer = {k: getattr(args, k) for k in ('steps', 'batch_size', 'lr', 'min_lr', 'warmup', 'weight_decay',
-                                             'grad_clip', 'eval_every', 'save_every', 'compile', 'label_drop')}
+                                             'grad_clip', 'eval_every', 'save_every', 'compile', 'bf16', 'label_drop')}
     prev, files = args.init, []
     for r in range(1, args.rounds + 1):
         tag = '' if r == 1 else f'_r{r}'
@@ -1302,7 +1302,8 @@ def bench(args):
     """Speed on this device, measured side by side in one run, for the CPU default and a paper-sized config:
     training tokens/s (and its share of the measured matmul FLOP/s; the same transformer with one plain
     position table for the encoding's cost), sampling in raster and OAR order (token evaluations against the
-    strict need), extraction with burst scoring and with the naive recompute; peak memory of each."""
+    strict need), extraction with burst scoring and with the naive recompute; peak memory of each. Then the
+    levers: each speed-up measured off and on (`--compile` adds torch.compile, which takes a while to build)."""
     dev = pick_device(args.device)
     flops = matmul_flops(dev)
     print(f"device {dev}: large-matmul throughput {flops / 1e12:.2f} TFLOP/s "
@@ -1314,13 +1315,16 @@ def bench(args):
     results = []
     for name in (['default', 'paper'] if args.config == 'both' else [args.config]):
         c = configs[name]
-        rows = bench_config(c, dev, flops, args.repeat)
+        rows, levers = bench_config(c, dev, flops, args.repeat, args.compile)
         print(f"\n{name}: {c['grid']}x{c['grid']} grid, codebook {c['vocab']}, {c['n_layer']} layers x {c['n_embd']}, "
               f"batch {c['batch']}, {rows[0]['params'] / 1e6:.1f}M parameters")
         print('| what | value | unit | peak memory (MiB) |\n|---|---|---|---|')
         for r in rows:
             print(f"| {r['what']} | {r['value']:,.2f} | {r['unit']} | {r['peak_mib']:,.0f} |")
-        results.append(dict(config=name, **c, device=str(dev), matmul_flops=flops, rows=rows))
+        print('\n| lever: before -> after | before | after | unit | speed-up |\n|---|---|---|---|---|')
+        for r in levers:
+            print(f"| {r['what']} | {r['before']:,.2f} | {r['after']:,.2f} | {r['unit']} | {r['speedup']:.2f}x |")
+        results.append(dict(config=name, **c, device=str(dev), matmul_flops=flops, rows=rows, levers=levers))
     with open(args.json, 'w') as f:
         json.dump(results, f, indent=1)
     print(f"\nsaved {args.json}")
@@ -1345,6 +1349,16 @@ def timed(fn, dev, repeat):
     return (time.time() - t0) / repeat
 
 
+def race(fns, dev, repeat, rounds=3):
+    """Seconds per call of each function: the best of `rounds` timings taken in turn, so that a drift in the
+    machine's speed (another process, the clock) hits every variant alike."""
+    best = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best.get(name, math.inf), timed(fn, dev, repeat))
+    return best
+
+
 def sync(dev):
     if dev.type == 'cuda':
         torch.cuda.synchronize()
@@ -1361,38 +1375,68 @@ def peak_mib(dev, reset=False):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_config(c, dev, flops, repeat):
-    torch.manual_seed(0)
-    B, g, rows = c['batch'], torch.Generator().manual_seed(0), []
+def bench_config(c, dev, flops, repeat, compile=False):
+    """The figures of one config: (rows, levers). A lever is one speed-up measured off (before) and on (after)."""
+    cuda = dev.type == 'cuda'
+    B, N, g, rows, levers = c['batch'], c['grid'] ** 2, torch.Generator().manual_seed(0), [], []
+    codes = torch.randint(0, c['vocab'], (B, N), generator=g).to(dev)
 
     def row(what, value, unit, **extra):
         rows.append(dict(what=what, value=value, unit=unit, peak_mib=peak_mib(dev), **extra))
         peak_mib(dev, reset=True)
 
-    for next_pos in ('relative', 'none'):  # the dual encoding against a plain GPT's single position table
-        cfg = GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
-                        n_head=c['n_head'], n_embd=c['n_embd'], next_pos=next_pos)
-        model = OAR(cfg).to(dev).train()
-        params, N = sum(p.numel() for p in model.parameters()), cfg.n_pos
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == 'cuda')
-        codes = torch.randint(0, cfg.vocab_size, (B, N), device=dev)
+    def lever(what, before, after, unit):
+        levers.append(dict(what=what, before=before, after=after, unit=unit, speedup=after / before))
 
-        def train_step():
-            with autocast(dev):
-                loss = order_loss(model, codes, random_orders(B, N, g).to(dev))
+    def model_for(next_pos='relative'):
+        torch.manual_seed(0)
+        return OAR(GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
+                             n_head=c['n_head'], n_embd=c['n_embd'], next_pos=next_pos)).to(dev)
+
+    def train_step(next_pos='relative', fused=cuda, compiled=False, precision='bf16' if cuda else 'fp32'):
+        """The training step `train` runs (by default: fused AdamW and bf16 on CUDA), or a variant of it."""
+        model = model_for(next_pos).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        fwd = torch.compile(model) if compiled else model
+
+        def step():
+            torch.backends.cuda.matmul.allow_tf32 = precision != 'fp32'
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
+                loss = order_loss(fwd, codes, random_orders(B, N, g).to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        tps = B * N / timed(train_step, dev, repeat)
-        row(f"train, {'dual encoding' if next_pos == 'relative' else 'one position table'}", tps, 'tokens/s',
-            params=params, mfu=6 * params * tps / flops)
-        rows[-1]['what'] += f" ({100 * rows[-1]['mfu']:.1f}% of matmul peak)"
-    plain = rows[-1]['value']
-    rows[0]['what'] += f"; {100 * (1 - rows[0]['value'] / plain):+.1f}% slower than one table"
-    rows.pop()  # keep the plain table's figure only in that comparison
-    del opt
-    model = OAR(GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
-                          n_head=c['n_head'], n_embd=c['n_embd'])).to(dev).eval()
+        step.params = sum(p.numel() for p in model.parameters())
+        return step
+
+    steps = dict(default=train_step(), plain=train_step('none'), other_optimizer=train_step(fused=not cuda))
+    if cuda:
+        steps.update(fp32=train_step(precision='fp32'), tf32=train_step(precision='tf32'))
+    elif dev.type == 'cpu':
+        steps['bf16'] = train_step(precision='bf16')
+    if compile:
+        steps['compiled'] = train_step(compiled=True)
+    rate = {k: B * N / s for k, s in race(steps, dev, repeat).items()}
+    torch.backends.cuda.matmul.allow_tf32 = cuda  # pick_device's setting
+    default = steps.pop('default')
+    steps.clear()                                  # frees the variants: the peak below is the default step's
+    peak_mib(dev, reset=True)
+    default()
+    tps, params = rate['default'], default.params
+    row(f"train, dual encoding ({100 * 6 * params * tps / flops:.1f}% of matmul peak); "
+        f"{100 * (1 - tps / rate['plain']):+.1f}% slower than one position table", tps, 'tokens/s',
+        params=params, mfu=6 * params * tps / flops)
+    lever('train: AdamW for-each -> fused', *((rate['other_optimizer'], tps) if cuda else (tps, rate['other_optimizer'])),
+          'tokens/s')
+    if cuda:
+        lever('train: float32 -> TF32 matmuls', rate['fp32'], rate['tf32'], 'tokens/s')
+        lever('train: TF32 -> bf16 autocast', rate['tf32'], tps, 'tokens/s')
+    elif dev.type == 'cpu':
+        lever('train: float32 -> bf16 autocast (train --bf16)', tps, rate['bf16'], 'tokens/s')
+    if compile:
+        lever('train: eager -> torch.compile (--compile)', tps, rate['compiled'], 'tokens/s')
+
+    model = model_for().eval()
     counted = []
     burst = model.burst
     model.burst = lambda prev, cur, cand, *a, **k: (counted.append(cand.numel()), burst(prev, cur, cand, *a, **k))[1]
@@ -1401,13 +1445,24 @@ def bench_config(c, dev, flops, repeat):
     row('sample oar', B / timed(lambda: generate(model, B), dev, repeat), 'images/s')
     need = B * N * (N + 1) // 2  # strictly needed: every free position once per step
     row('sample oar: token evaluations / strict need', sum(counted) / (repeat + 1) / need, 'ratio')
-    burst_ips = B / timed(lambda: generate(model, B, teacher=codes, score='likelihood'), dev, repeat)
+
+    def extract_rate(n, **kw):
+        """Images/s of teacher-forced extraction of the first n images (one timed run for the slow variants)."""
+        return n / timed(lambda: generate(model, n, teacher=codes[:n], score='likelihood', **kw), dev,
+                         repeat if n == B else 1)
+
+    burst_ips = extract_rate(B)
     row('extract, burst scoring', burst_ips, 'images/s')
     nb = max(1, B // 8)  # the naive recompute is O(N^3): fewer images, one repetition
-    naive_ips = nb / timed(lambda: generate(model, nb, teacher=codes[:nb], score='likelihood', naive=True), dev, 1)
+    naive_ips = extract_rate(nb, naive=True)
     row('extract, naive recompute', naive_ips, 'images/s')
     row(f'extract burst / naive (target N/4 = {N / 4:.0f})', burst_ips / naive_ips, 'ratio')
-    return rows
+    lever('extract: naive recompute -> burst scoring with the KV cache', naive_ips, burst_ips, 'images/s')
+    lever(f"extract {nb} image{'s' * (nb > 1)}: one candidate per forward -> chunk from the free memory",
+          extract_rate(nb, chunk=1), extract_rate(nb, chunk=None), 'images/s')
+    one = nb / timed(lambda: [generate(model, 1, teacher=codes[i:i + 1], score='likelihood') for i in range(nb)], dev, 1)
+    lever(f'extract: one image at a time -> batches of {B}', one, burst_ips, 'images/s')
+    return rows, levers
 
 
 # ----------------------------------------------------------------------------- checkpoints and devices
@@ -1477,9 +1532,10 @@ def pick_device(name='auto'):
     return torch.device('cpu')
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, a no-op elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+def autocast(device, cpu_bf16=False):
+    """bf16 autocast on CUDA (and on a CPU when asked: `train --bf16`), a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=device.type == 'cuda' or (cpu_bf16 and device.type == 'cpu'))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1519,6 +1575,8 @@ def build_parser():
         s.add_argument('--save-every', type=int, default=500, help='steps between checkpoints')
         s.add_argument('--resume', action='store_true', help='continue from --ckpt if it exists')
         s.add_argument('--compile', action='store_true', help='torch.compile the model')
+        s.add_argument('--bf16', action='store_true',
+                       help='bf16 autocast on a CPU too (always on with CUDA): faster on CPUs with bf16 units, see bench')
         s.add_argument('--label-drop', type=float, default=0.1,
                        help='class-conditional models: probability of training on the null class instead (for --cfg)')
 
@@ -1625,6 +1683,7 @@ def build_parser():
                    help="default: the CPU pipeline's 7x7 model; paper: 16x16 grid, codebook 1024 (a ~100M GPT on a GPU)")
     s.add_argument('--repeat', type=int, default=3, help='timed repetitions of each measurement')
     s.add_argument('--json', default='bench.json', help='where to write the figures as JSON')
+    s.add_argument('--compile', action='store_true', help='also measure training with torch.compile (slow to build)')
     s.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
     s.set_defaults(func=bench)
     return p

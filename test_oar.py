@@ -744,6 +744,45 @@ def test_chunked_burst_equals_unchunked(chunk):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_bench_rows_and_levers():
+    """`bench` on a tiny config: every figure is there and positive, OAR sampling evaluates exactly the free
+    positions (a count, not a time), and each lever is one speed-up measured off and on."""
+    c = dict(grid=3, vocab=11, n_layer=2, n_head=2, n_embd=32, batch=8)
+    rows, levers = oar.bench_config(c, torch.device('cpu'), flops=1e9, repeat=1)
+    value = {r['what'].split(' (')[0].split(';')[0]: r['value'] for r in rows}
+    assert set(value) == {'train, dual encoding', 'sample raster', 'sample oar',
+                          'sample oar: token evaluations / strict need', 'extract, burst scoring',
+                          'extract, naive recompute', 'extract burst / naive'}
+    assert all(v > 0 and math.isfinite(v) for v in value.values())
+    assert value['sample oar: token evaluations / strict need'] == 1.0
+    assert math.isclose(value['extract burst / naive'],
+                        value['extract, burst scoring'] / value['extract, naive recompute'])
+    assert rows[0]['params'] == sum(p.numel() for p in tiny_model().parameters())
+    names = [r['what'] for r in levers]
+    assert any('fused' in n for n in names) and any('bf16' in n for n in names)
+    assert any('one candidate per forward' in n for n in names) and any('one image at a time' in n for n in names)
+    assert not any('compile' in n for n in names), "torch.compile is measured only when asked"
+    for r in levers:
+        assert r['before'] > 0 and r['after'] > 0 and math.isclose(r['speedup'], r['after'] / r['before'])
+
+
+def test_train_bf16_flag_autocasts_on_cpu(tiny_run, tmp_path):
+    """`train --bf16` runs the forward in bf16 on a CPU (the default stays float32): near, not equal, weights."""
+    cpu = torch.device('cpu')
+    x = torch.randn(4, 4)
+    with oar.autocast(cpu):
+        assert (x @ x).dtype == torch.float32
+    with oar.autocast(cpu, cpu_bf16=True):
+        assert (x @ x).dtype == torch.bfloat16
+    out = copy_run(tiny_run, tmp_path)
+    args = ['train', '--out', out, '--order', 'any', '--steps', '3', *TINY]
+    oar.main(args + ['--ckpt', f'{out}/fp32.pt'])
+    oar.main(args + ['--ckpt', f'{out}/bf16.pt', '--bf16'])
+    a, b = (torch.load(f'{out}/{name}.pt', weights_only=True)['model'] for name in ('fp32', 'bf16'))
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < diff < 0.1, f"max weight diff {diff}"
+
+
 # ----------------------------------------------------------------------------- beyond v1: classes, inpainting, rounds, locality
 
 def tiny_conditional_model(n_class=3, seed=0):
