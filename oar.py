@@ -1187,7 +1187,7 @@ def feature_stats(feats):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the distance between two Gaussians."""
     from scipy import linalg
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)  # no `disp=`: deprecated, and SciPy 1.18 removes it
     if not np.isfinite(covmean).all():  # singular product (too few samples): nudge both diagonals, as the references do
         offset = np.eye(len(sigma1)) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
