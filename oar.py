@@ -1314,7 +1314,7 @@ def bench(args):
                    paper=dict(grid=16, vocab=1024, **paper))
     results = []
     for name in (['default', 'paper'] if args.config == 'both' else [args.config]):
-        c = configs[name]
+        c = dict(configs[name], **({'batch': args.batch} if args.batch else {}))
         rows, levers = bench_config(c, dev, flops, args.repeat, args.compile)
         print(f"\n{name}: {c['grid']}x{c['grid']} grid, codebook {c['vocab']}, {c['n_layer']} layers x {c['n_embd']}, "
               f"batch {c['batch']}, {rows[0]['params'] / 1e6:.1f}M parameters")
@@ -1682,6 +1682,8 @@ def build_parser():
     s.add_argument('--config', default='both', choices=['default', 'paper', 'both'],
                    help="default: the CPU pipeline's 7x7 model; paper: 16x16 grid, codebook 1024 (a ~100M GPT on a GPU)")
     s.add_argument('--repeat', type=int, default=3, help='timed repetitions of each measurement')
+    s.add_argument('--batch', type=int, default=None,
+                   help='images per batch for every config (default: 64 for default; paper: 64 on a GPU, 8 on a CPU)')
     s.add_argument('--json', default='bench.json', help='where to write the figures as JSON')
     s.add_argument('--compile', action='store_true', help='also measure training with torch.compile (slow to build)')
     s.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')

@@ -1,6 +1,7 @@
 """Tests: seconds on a CPU, tiny shapes, data written by the tests themselves. Run: python -m pytest -q"""
 import builtins
 import gzip
+import json
 import math
 import os
 import shutil
@@ -764,6 +765,17 @@ def test_bench_rows_and_levers():
     assert not any('compile' in n for n in names), "torch.compile is measured only when asked"
     for r in levers:
         assert r['before'] > 0 and r['after'] > 0 and math.isclose(r['speedup'], r['after'] / r['before'])
+
+
+def test_bench_cli_writes_json(tmp_path, capsys):
+    path = str(tmp_path / 'bench.json')
+    oar.main(['bench', '--config', 'default', '--batch', '2', '--repeat', '1', '--json', path])
+    with open(path) as f:
+        (result,) = json.load(f)
+    assert result['config'] == 'default' and result['batch'] == 2 and result['grid'] == 7
+    assert len(result['rows']) == 7 and len(result['levers']) == 5 and result['matmul_flops'] > 0
+    printed = capsys.readouterr().out
+    assert all(r['what'] in printed for r in result['rows'] + result['levers'])
 
 
 def test_train_bf16_flag_autocasts_on_cpu(tiny_run, tmp_path):
