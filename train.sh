@@ -6,7 +6,7 @@
 # Then the v2 steps (beyond the paper's first version): a class-conditional model with guidance, training on
 # local random orders, a second round of extract + fine-tune, and inpainting, each measured the same way.
 #
-#   bash train.sh                # the full run (about 75 minutes on 2 CPU cores; PART=core about 35)
+#   bash train.sh                # the full run (about 72 minutes on 2 CPU cores; PART=core about 31)
 #   QUICK=1 bash train.sh        # the same steps with tiny sizes, a few minutes (the tests run this)
 #   OUT=elsewhere bash train.sh  # another output folder
 #   PART=core|v2 bash train.sh   # only the paper's pipeline, or only the v2 steps (on a finished core run)
