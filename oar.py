@@ -1126,8 +1126,8 @@ def distill(args):
     Extraction resumes by itself, fine-tuning with --resume. Ends with a table: per round, the orders' mean jump and the fine-tuned model's bits."""
     shared = {k: getattr(args, k) for k in ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size',
                                             'device', 'seed', 'eval_n')}
-    trainer = {k: getattr(args, k) for k in ('steps', 'batch_size', 'lr', 'min_lr', 'warmup', 'weight_decay',
-                                             'grad_clip', 'eval_every', 'save_every', 'compile', 'bf16', 'label_drop')}
+    finetune = vars(command_args('finetune'))  # every flag fine-tuning also has passes through as given
+    trainer = {k: v for k, v in vars(args).items() if k in finetune and k not in ('command', 'func')}
     prev, files = args.init, []
     for r in range(1, args.rounds + 1):
         tag = '' if r == 1 else f'_r{r}'
@@ -1135,7 +1135,7 @@ def distill(args):
         print(f"== round {r} of {args.rounds}: extract with {prev} -> {orders}; fine-tune it -> {ckpt}")
         extract(command_args('extract', **shared, ckpt=prev, orders=orders, n=args.n, lam=args.lam, score=args.score,
                              chunk=args.chunk))
-        train(command_args('finetune', **shared, **trainer, init=prev, orders=orders, ckpt=ckpt, resume=args.resume))
+        train(command_args('finetune', **{**trainer, 'init': prev, 'orders': orders, 'ckpt': ckpt}))
         files.append((prev, orders, ckpt))
         prev = ckpt
     data = load_tokens(args, build=False)
