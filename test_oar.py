@@ -211,6 +211,7 @@ def test_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
 
 
 def run_error(argv, capsys):
+    capsys.readouterr()  # only what this command prints
     with pytest.raises(SystemExit) as e:
         oar.main(argv)
     assert e.value.code == 2
@@ -347,6 +348,145 @@ def test_extract_finetune_sample_pipeline(tiny_run, tmp_path, monkeypatch, capsy
         assert torch.equal(c1, c2) and torch.equal(o1, o2) and is_permutation(o1)
         for suffix in ('.png', '_orders.png', '.gif'):
             assert os.path.getsize(png[:-4] + suffix) > 0
+
+
+def all_images_probability(model, score, lam=0.1):
+    """Sum over every image of a 2 x 2 grid with 3 codes (81 images) of the product of the model's conditionals
+    along the order extracted for that image: 1 exactly when the orders are a function of the prefix only."""
+    codes = torch.cartesian_prod(*[torch.arange(3)] * 4)                        # (81, 4)
+    _, order = oar.generate(model, len(codes), teacher=codes, score=score, lam=lam)
+    logp = model(codes, order).log_softmax(-1).gather(2, codes.gather(1, order)[..., None])[..., 0]
+    return logp.double().sum(1).exp().sum().item()
+
+
+def test_confidence_orders_make_a_distribution_and_likelihood_orders_do_not():
+    model = tiny_model(H=2, W=2, V=3)
+    with torch.no_grad():
+        model.head.weight *= 40  # far from uniform, so the choice of position matters
+    total = {score: all_images_probability(model, score) for score in ('confidence', 'likelihood')}
+    print(f"sum over the 81 images of p(image) along extracted orders: {total}")
+    assert abs(total['confidence'] - 1) < 1e-5, f"confidence orders: probabilities sum to {total['confidence']}"
+    assert total['likelihood'] > 1.1, f"likelihood orders (which peek at the true token) sum to {total['likelihood']}"
+
+
+def sample_twice(model, chooser, **kw):
+    out = []
+    for c in (None, chooser):
+        g = torch.Generator().manual_seed(0)
+        out.append(oar.generate(model, 8, chooser=c, generator=g, **kw))
+    return out
+
+
+@pytest.mark.parametrize('kw', [{}, dict(lam=0.3), dict(pos_temperature=0.5, pos_anneal=True)])
+def test_a_copy_of_the_model_as_position_chooser_samples_as_the_model_alone(kw):
+    import copy
+    model = tiny_model(H=3, W=3, V=11)
+    (c1, o1), (c2, o2) = sample_twice(model, copy.deepcopy(model), **kw)
+    assert torch.equal(o1, o2), f"orders differ in {(o1 != o2).any(1).sum()} of 8 samples"
+    assert torch.equal(c1, c2), f"codes differ in {(c1 != c2).any(1).sum()} of 8 samples"
+
+
+@pytest.mark.parametrize('lam', [0.0, 0.1])
+def test_orders_sampled_along_the_extractor_are_its_extraction_of_the_samples(lam):
+    extractor, tuned = tiny_model(H=3, W=3, V=11, seed=0), tiny_model(H=3, W=3, V=11, seed=1)
+    with torch.no_grad():
+        extractor.head.weight *= 20
+    g = torch.Generator().manual_seed(0)
+    codes, order = oar.generate(tuned, 16, chooser=extractor, lam=lam, generator=g)
+    _, replay = oar.generate(extractor, 16, teacher=codes, score='confidence', lam=lam)  # teacher-forced extraction
+    assert torch.equal(order, replay), f"{(order != replay).any(1).sum()} of 16 orders differ from the replay"
+    _, own = oar.generate(tuned, 16, teacher=codes, score='confidence', lam=lam)
+    assert not torch.equal(order, own)  # the fine-tuned model's own rule would have chosen other orders
+
+
+def test_inpainting_and_guidance_follow_the_extractor_too():
+    extractor, tuned = tiny_model(H=3, W=3, V=11, seed=0), tiny_model(H=3, W=3, V=11, seed=1)
+    with torch.no_grad():
+        extractor.head.weight *= 20
+    known, prompt = ~oar.mask_grid('bottom', 3, 3), torch.randint(0, 11, (8, 9))
+    g = torch.Generator().manual_seed(0)
+    codes, order = oar.generate(tuned, 8, prompt=prompt, known=known, chooser=extractor, lam=0.1, generator=g)
+    assert torch.equal(codes[:, known], prompt[:, known])
+    _, replay = oar.generate(extractor, 8, teacher=codes, known=known, score='confidence', lam=0.1)
+    assert torch.equal(order, replay)
+    cond, cond_extractor = tiny_conditional_model(seed=1), tiny_conditional_model(seed=0)
+    labels = torch.arange(8) % 3
+    codes, order = oar.generate(cond, 8, labels=labels, cfg=2.0, chooser=cond_extractor, generator=g)
+    _, replay = oar.generate(cond_extractor, 8, teacher=codes, labels=labels, score='confidence')
+    assert torch.equal(order, replay)  # the extractor scores positions given the class, without guidance
+
+
+def test_position_noise_zero_is_argmax_and_noise_varies_the_orders():
+    model = tiny_model(H=3, W=3, V=11)
+    with torch.no_grad():
+        model.head.weight *= 20
+    runs = {}
+    for name, kw in dict(plain={}, zero=dict(pos_temperature=0.0, pos_anneal=True), noisy=dict(pos_temperature=2.0),
+                         annealed=dict(pos_temperature=2.0, pos_anneal=True)).items():
+        g = torch.Generator().manual_seed(0)
+        runs[name] = oar.generate(model, 32, temperature=0, generator=g, **kw)[1]  # greedy tokens
+    assert torch.equal(runs['plain'], runs['zero'])
+    assert oar.order_diversity(runs['plain']) == 0  # greedy tokens and argmax positions: one order for all
+    for name in ('noisy', 'annealed'):
+        assert is_permutation(runs[name]) and oar.order_diversity(runs[name]) > 0.05, name
+
+
+def test_order_diversity_of_equal_and_random_orders():
+    g = torch.Generator().manual_seed(0)
+    assert oar.order_diversity(oar.raster_orders(50, 49)) == 0
+    div = oar.order_diversity(oar.random_orders(500, 49, g))
+    assert abs(div - (49 ** 2 - 1) / (3 * 49 ** 2)) < 0.01, f"random orders: {div} (expected (N^2 - 1) / 3N^2)"
+
+
+def test_kid_of_two_draws_of_one_set_is_near_zero_and_grows_with_noise():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(800, 32))
+    a, b = feats[:400], feats[400:]  # two halves of one feature set: the same distribution, no shared rows
+    kids = [oar.kernel_inception_distance(a + s * rng.normal(size=a.shape), b, subsets=20, size=200) for s in (0, 0.7, 1.5)]
+    print(f"KID (mean, std) by noise level 0, 0.7, 1.5: {kids}")
+    assert abs(kids[0][0]) < 3 * kids[0][1] and kids[0][1] > 0, f"KID of two halves of one set: {kids[0]}"
+    assert kids[0][0] < kids[1][0] < kids[2][0] and kids[2][0] > 3 * kids[2][1], f"KID by noise level: {kids}"
+
+
+def test_orders_of_another_score_or_extractor_are_refused(tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    extract = ['extract', '--out', out, '--n', '16', '--batch-size', '16', '--eval-n', '16']
+    oar.main(extract)
+    assert torch.load(f'{out}/orders.pt', weights_only=True)['setting']['score'] == 'confidence'  # the default
+    err = run_error(extract + ['--score', 'likelihood'], capsys)
+    assert 'with --score confidence' in err and 'another --orders' in err and err.count('\n') == 1
+    finetune = ['finetune', '--out', out, '--steps', '2', '--batch-size', '8', '--eval-n', '16', '--warmup', '1']
+    oar.main(finetune)
+    tuned = torch.load(f'{out}/oar.pt', weights_only=True)
+    assert tuned['extractor']['score'] == 'confidence' and tuned['extractor']['ckpt'].endswith('any.pt')
+    oar.main(extract + ['--score', 'likelihood', '--orders', f'{out}/peek.pt'])
+    err = run_error(finetune + ['--resume', '--steps', '4', '--orders', f'{out}/peek.pt'], capsys)
+    assert 'fine-tuned on orders extracted by any.pt with --score confidence' in err and '--score likelihood' in err
+    err = run_error(['train', '--out', out, '--order', 'any', '--resume', '--ckpt', f'{out}/oar.pt', *TINY], capsys)
+    assert 'trained on extracted orders' in err  # a fine-tuned model is not continued on random orders
+
+
+def test_fine_tuned_model_samples_along_its_extractor(tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    oar.main(['extract', '--out', out, '--n', '16', '--batch-size', '16', '--eval-n', '16', '--lam', '0.2'])
+    oar.main(['finetune', '--out', out, '--steps', '2', '--batch-size', '8', '--eval-n', '16', '--warmup', '1'])
+    capsys.readouterr()
+    sample = ['sample', '--out', out, '--ckpt', f'{out}/oar.pt', '--n', '6', '--png', str(tmp_path / 's.png')]
+    codes, orders = oar.main(sample)
+    assert 'picked by any.pt, lam 0.2' in capsys.readouterr().out
+    data = oar.load_tokens(oar.build_parser().parse_args(['sample', '--out', out]), build=False)
+    extractor = oar.load_model(f'{out}/any.pt', data['meta'], 'cpu')
+    _, replay = oar.generate(extractor, 6, teacher=codes, score='confidence', lam=0.2)
+    assert torch.equal(orders, replay)
+    oar.main(sample + ['--positions', 'self'])
+    assert 'picked by the model itself, lam 0' in capsys.readouterr().out
+    # the folder moved: the extractor is found beside the checkpoint; gone: one clear line
+    moved = str(tmp_path / 'moved')
+    shutil.move(out, moved)
+    oar.main(['sample', '--out', moved, '--ckpt', f'{moved}/oar.pt', '--n', '2', '--png', str(tmp_path / 'm.png')])
+    os.remove(f'{moved}/any.pt')
+    err = run_error(['sample', '--out', moved, '--ckpt', f'{moved}/oar.pt', '--n', '2'], capsys)
+    assert 'any.pt' in err and '--positions self' in err and err.count('\n') == 1
 
 
 def test_orders_file_errors_and_older_format(tiny_run, tmp_path, capsys):
@@ -670,23 +810,26 @@ def test_quick_pipeline_fills_every_row(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line.split('|')[1:-1] for line in (out / 'results.md').read_text().splitlines()
             if line.startswith('| ') and not line.startswith('| model') and not line.startswith('| step')]
-    table = [[c.strip() for c in r] for r in rows if len(r) == 8]
+    table = [[c.strip() for c in r] for r in rows if len(r) == 10]
     runs = {(r[0], r[1]) for r in table}
     v2 = {('any_cond.pt', f'{o} cfg {s}') for o in ('random', 'oar') for s in (1, 2)}
-    v2 |= {('local.pt', 'random'), ('local.pt', 'oar'), ('oar_r2.pt', 'oar')}
+    v2 |= {('local.pt', 'random'), ('local.pt', 'oar'), ('oar_r2.pt', 'oar positions oar.pt lam 0.1')}
     inpainted = {('any.pt', f'inpaint centre {o}') for o in ('raster', 'random', 'oar')}
     assert runs == {('tokenizer', 'reconstruction'), ('raster.pt', 'raster'), ('any.pt', 'random'),
-                    ('any.pt', 'oar'), ('oar.pt', 'oar')} | v2 | inpainted, runs
+                    ('any.pt', 'oar'), ('oar.pt', 'oar positions any.pt lam 0.1')} | v2 | inpainted, runs
     for r in table:
         float(r[4])  # FID is a number in every row
+        float(r[5].split(' ± ')[0]), float(r[5].split(' ± ')[1])  # and KID, with its spread over subsets
         if r[0] != 'tokenizer':
-            float(r[5])  # and the mean jump
+            float(r[6]), float(r[7])  # and the mean jump and the order diversity
         if r[0] != 'tokenizer' and 'inpaint' not in r[1]:
-            float(r[6])  # and the bits per token of a model
-    assert len(table) == 1 + 2 * 4 + 2 * len(v2) + len(inpainted)  # 2 seeds per sampled run, one for inpainting
+            float(r[8])  # and the bits per token of a model
+    assert len(table) == 1 + 3 * 4 + 3 * len(v2) + len(inpainted)  # 3 seeds per sampled run, one for inpainting
+    summary = (out / 'summary.md').read_text()
+    assert '| oar.pt | oar positions any.pt lam 0.1 | 3 |' in summary and ' ± ' in summary
     steps = [line for line in (out / 'results.md').read_text().splitlines() if line.startswith('| ') and len(line.split('|')) == 4]
     assert len(steps) >= 15  # a wall time for every step
-    assert (out / 'samples_oar_oar.gif').exists() and (out / 'eval_oar_oar_seed0_orders.png').exists()
+    assert (out / 'samples_oar_oar.gif').exists() and (out / 'eval_oar_oar_positions_any.pt_lam_0.1_seed0_orders.png').exists()
     assert (out / 'inpaint_any_centre.png').exists() and (out / 'samples_any_cond_oar_classes_cfg2.png').exists()
 
 

@@ -18,13 +18,13 @@ export PYTHONWARNINGS=ignore
 if [ "${QUICK:-0}" = 1 ]; then
   OUT=${OUT:-out_quick}
   MODEL=(--n-layer 1 --n-head 2 --n-embd 32)
-  STEPS=60; FT_STEPS=30; N_EXTRACT=256; N_FID=64; EVAL_N=256; FIT=(--fit-images 5000)
+  STEPS=60; FT_STEPS=30; N_EXTRACT=256; N_FID=64; EVAL_N=256; FIT=(--fit-images 5000); REF=(--ref-n 256)
 else
   OUT=${OUT:-out}
   MODEL=()
-  STEPS=3000; FT_STEPS=1000; N_EXTRACT=5000; N_FID=1000; EVAL_N=1000; FIT=()
+  STEPS=3000; FT_STEPS=1000; N_EXTRACT=5000; N_FID=1000; EVAL_N=1000; FIT=(); REF=()
 fi
-SEEDS=(0 1)
+SEEDS=(0 1 2)
 PART=${PART:-all}
 mkdir -p "$OUT"
 : > "$OUT/timings.md"
@@ -40,19 +40,21 @@ step() {  # step NAME COMMAND...: run it, time it, stop the pipeline at the firs
 
 if [ "$PART" != v2 ]; then
 if [ ! -f "$OUT/tokens.pt" ]; then step tokenize $PY oar.py tokenize --out "$OUT" "${FIT[@]}"; fi
-step "train raster" $PY oar.py train --out "$OUT" --order raster --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
+# the raster baseline gets the any-order model's budget plus fine-tuning's: the same number of steps in all
+step "train raster" $PY oar.py train --out "$OUT" --order raster --steps $((STEPS + FT_STEPS)) "${MODEL[@]}" --eval-n $EVAL_N --resume
 step "train any-order" $PY oar.py train --out "$OUT" --order any --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
 step extract $PY oar.py extract --out "$OUT" --n $N_EXTRACT --eval-n $EVAL_N
 step finetune $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --resume
 step "sample (pictures)" bash -c "for run in raster:raster any:random any:oar oar:oar; do
     $PY oar.py sample --out '$OUT' --ckpt '$OUT'/\${run%%:*}.pt --order \${run##*:} --n 64 || exit 1; done"
-rm -f "$OUT/results.md" "$OUT/results.json"
-step "eval (FID)" $PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --recon --eval-n $EVAL_N \
+rm -f "$OUT/results.md" "$OUT/results.json" "$OUT/summary.md"
+# oar.pt:oar samples along its extractor's rule (any.pt's confidence, extraction's --lam): the default
+step "eval (FID, KID)" $PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --recon --eval-n $EVAL_N "${REF[@]}" \
   "$OUT/raster.pt:raster" "$OUT/any.pt:random" "$OUT/any.pt:oar" "$OUT/oar.pt:oar"
 fi
 
 if [ "$PART" != core ]; then
-EVAL=($PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --eval-n $EVAL_N)
+EVAL=($PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --eval-n $EVAL_N "${REF[@]}")
 step "train class-conditional" $PY oar.py train --out "$OUT" --order any --classes --ckpt "$OUT/any_cond.pt" \
   --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
 step "train local" $PY oar.py train --out "$OUT" --order local --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
@@ -62,7 +64,7 @@ step "sample (pictures, v2)" bash -c "for cfg in 1 2; do
   $PY oar.py sample --out '$OUT' --ckpt '$OUT/local.pt' --order oar --n 64 &&
   $PY oar.py sample --out '$OUT' --ckpt '$OUT/oar_r2.pt' --order oar --n 64 &&
   $PY oar.py inpaint --out '$OUT' --mask outside --n 8 && $PY oar.py inpaint --out '$OUT' --mask top --n 8"
-step "inpaint (FID)" $PY oar.py inpaint --out "$OUT" --mask centre --n $N_FID --fid
+step "inpaint (FID)" $PY oar.py inpaint --out "$OUT" --mask centre --n $N_FID --fid "${REF[@]}"
 step "eval (FID, conditional, guidance 1)" "${EVAL[@]}" --cfg 1 "$OUT/any_cond.pt:random" "$OUT/any_cond.pt:oar"
 step "eval (FID, conditional, guidance 2)" "${EVAL[@]}" --cfg 2 "$OUT/any_cond.pt:random" "$OUT/any_cond.pt:oar"
 step "eval (FID, local, round 2)" "${EVAL[@]}" "$OUT/local.pt:random" "$OUT/local.pt:oar" "$OUT/oar_r2.pt:oar"
@@ -70,8 +72,10 @@ fi
 
 {
   echo
-  echo "FID of $N_FID samples against $N_FID Fashion-MNIST test images per row (seeds ${SEEDS[*]});"
+  echo "FID and KID of $N_FID samples per row against the Fashion-MNIST test images (seeds ${SEEDS[*]});"
   echo "held-out bits/token under the order each model was trained on (raster, random, extracted)."
+  echo
+  cat "$OUT/summary.md"
   echo
   echo "| step | wall seconds |"
   echo "|---|---|"
