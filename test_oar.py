@@ -257,6 +257,132 @@ def test_nan_loss_stops_with_step(tiny_run, tmp_path, capsys, monkeypatch):
     assert ckpt['step'] == 2 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
 
 
+def tree_hashes(folder):
+    import hashlib
+    return {p: hashlib.sha256(open(p, 'rb').read()).hexdigest()
+            for p in sorted(str(q) for q in Path(folder).rglob('*') if q.is_file())}
+
+
+BAD_INPUTS = {  # name: (argv after the command's --out, words the one line must hold)
+    'steps negative': (['train', '--steps', '-5'], 'must be >= 1'),
+    'batch size zero': (['train', '--batch-size', '0'], '--batch-size'),
+    'eval every zero': (['train', '--eval-every', '0'], '--eval-every'),
+    'save every zero': (['extract', '--save-every', '0'], '--save-every'),
+    'chunk zero': (['sample', '--chunk', '0'], '--chunk'),
+    'top-k negative': (['sample', '--top-k', '-1'], 'must be >= 0'),
+    'extract n negative': (['extract', '--n', '-5'], '--n'),
+    'image size zero': (['tokenize', '--image-size', '0'], '--image-size'),
+    'temperature negative': (['sample', '--temperature', '-1'], '--temperature'),
+    'position temperature negative': (['sample', '--pos-temperature', '-1'], '--pos-temperature'),
+    'lam negative': (['sample', '--lam', '-1'], '--lam'),
+    'guidance negative': (['sample', '--cfg', '-5'], '--cfg'),
+    'label drop above 1': (['train', '--label-drop', '2'], '<= 1'),
+    'patch zero': (['tokenize', '--patch', '0'], '--patch'),
+    'codebook zero': (['tokenize', '--codebook-size', '0'], '--codebook-size'),
+    'lr not a number': (['train', '--lr', 'fast'], 'not a number'),
+    'sample n zero': (['sample', '--n', '0'], '--n'),
+    'inpaint n zero': (['inpaint', '--n', '0'], '--n'),
+    'eval n one': (['eval', '--n', '1', 'OUT/any.pt:random'], 'must be >= 2'),
+    'heads do not divide channels': (['train', '--n-head', '3', '--n-embd', '16', '--ckpt', 'OUT/new.pt'], 'does not divide'),
+    'checkpoint is a folder': (['sample', '--ckpt', 'OUT'], 'is a folder'),
+    'any-order resumed as raster': (['train', '--order', 'raster', '--resume', '--ckpt', 'OUT/any.pt', '--n-layer', '1',
+                                     '--n-head', '2', '--n-embd', '16'], 'trained on any orders'),
+    'tokenize over models': (['tokenize'], 'tokenize into another --out'),
+    'inception missing': (['eval', '--inception', 'OUT/none.pt', 'OUT/any.pt:random'], 'no such file'),
+    'inception a folder': (['inpaint', '--fid', '--inception', 'OUT'], 'a folder'),
+    'inception junk': (['eval', '--inception', 'OUT/junk.bin', 'OUT/any.pt:random'], 'not a TorchScript Inception'),
+    'eval run missing': (['eval', 'OUT/any.pt:random', 'OUT/missing.pt:raster'], 'no checkpoint at'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_INPUTS))
+def test_bad_input_one_line_and_no_lost_work(case, tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    (Path(out) / 'junk.bin').write_bytes(b'junk')
+    argv, words = BAD_INPUTS[case]
+    argv = [a.replace('OUT', out) for a in argv]
+    before = tree_hashes(out)
+    err = run_error([argv[0], '--out', out, *argv[1:]], capsys)
+    assert words in err and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert tree_hashes(out) == before, "a file that existed before changed"
+
+
+@pytest.mark.parametrize('name', ['tokens.pt', 'tokenizer.pt'])
+@pytest.mark.parametrize('content', ['payload', 'truncated', 'empty'])
+def test_broken_cache_files_one_line(name, content, tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    path = Path(out) / name
+    if content == 'payload':
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ('touch ' + str(tmp_path / 'ran'),))
+        torch.save({'meta': Payload()}, path)
+    else:
+        path.write_bytes(path.read_bytes()[:100] if content == 'truncated' else b'')
+    err = run_error(['sample', '--out', out, '--n', '2', '--png', str(tmp_path / 's.png')], capsys)
+    assert name in err and err.count('\n') == 1 and 'weights_only=False' not in err, err
+    assert not (tmp_path / 'ran').exists()
+
+
+def test_tokenize_validates_before_writing(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / 'fresh')
+    err = run_error(['tokenize', '--data', tiny_run['data'], '--out', out, '--patch', '5'], capsys)
+    assert 'does not divide the 8 px' in err and not os.path.exists(out)
+    err = run_error(['tokenize', '--data', tiny_run['data'], '--out', out, '--patch', '2', '--codebook-size', '5000'], capsys)
+    assert 'more than the 2048 patches' in err and not os.path.exists(out)
+    folder = tmp_path / 'unreadable'
+    folder.mkdir()
+    for i in range(3):
+        (folder / f'{i}.png').write_bytes(b'not a png')
+    err = run_error(['tokenize', '--data', str(folder), '--out', out, '--image-size', '8'], capsys)
+    assert err.count('\n') == 1 and 'Traceback' not in err, err
+
+
+def test_blown_up_weights_never_overwrite_a_good_checkpoint(tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    good = torch.load(f'{out}/any.pt', weights_only=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        oar.main(['train', '--out', out, '--order', 'any', '--resume', '--steps', '200', '--lr', '1e4',
+                  '--save-every', '1', *TINY])
+    printed = capsys.readouterr()
+    assert 'loss is' in printed.err and 'the last good checkpoint is' in printed.err, printed.err
+    assert 'not saved at step' in printed.out  # the blown-up weights were refused before the NaN
+    after = torch.load(f'{out}/any.pt', weights_only=True)
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in after['model'].values())
+    assert after['step'] >= good['step']
+    assert not oar.weights_broken(oar.load_model(f'{out}/any.pt', oar.load_tokens(
+        oar.build_parser().parse_args(['sample', '--out', out]), build=False)['meta'], 'cpu'))
+
+
+def test_full_disk_during_a_checkpoint_write(tmp_path, monkeypatch):
+    path = str(tmp_path / 'c.pt')
+    oar.save_atomic({'a': 1}, path)
+
+    def full(obj, f):
+        open(f, 'wb').write(b'half')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(oar.torch, 'save', full)
+    with pytest.raises(oar.OARError, match='No space left.*previous file is unchanged'):
+        oar.save_atomic({'a': 2}, path)
+    assert os.listdir(tmp_path) == ['c.pt'] and torch.load(path, weights_only=True) == {'a': 1}
+
+
+def test_ctrl_c_during_start_up_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(oar, 'load_tokens', interrupted)
+    with pytest.raises(SystemExit) as e:
+        oar.main(['sample', '--out', tiny_run['out']])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.count('\n') == 1 and 'interrupted' in err
+
+
+def test_fid_refuses_non_finite_statistics():
+    with pytest.raises(oar.OARError, match='non-finite'):
+        oar.frechet_distance(np.zeros(3), np.full((3, 3), np.nan), np.zeros(3), np.eye(3))
+
+
 # ----------------------------------------------------------------------------- orders: extraction and sampling
 
 def is_permutation(orders):
