@@ -292,6 +292,7 @@ BAD_INPUTS = {  # name: (argv after the command's --out, words the one line must
     'inception a folder': (['inpaint', '--fid', '--inception', 'OUT'], 'a folder'),
     'inception junk': (['eval', '--inception', 'OUT/junk.bin', 'OUT/any.pt:random'], 'not a TorchScript Inception'),
     'eval run missing': (['eval', 'OUT/any.pt:random', 'OUT/missing.pt:raster'], 'no checkpoint at'),
+    'vqgan checkpoint a folder': (['tokenize', '--out', 'OUT/v', '--tokenizer', 'vqgan', '--vqgan-ckpt', 'OUT'], 'not a file'),
 }
 
 
@@ -336,6 +337,10 @@ def test_tokenize_validates_before_writing(tiny_run, tmp_path, capsys):
         (folder / f'{i}.png').write_bytes(b'not a png')
     err = run_error(['tokenize', '--data', str(folder), '--out', out, '--image-size', '8'], capsys)
     assert err.count('\n') == 1 and 'Traceback' not in err, err
+    os.makedirs(out)
+    (Path(out) / 'tokens.pt.partial').write_bytes(b'')  # an interrupted tokenization whose file is empty
+    err = run_error(['tokenize', '--data', tiny_run['data'], '--out', out, '--patch', '2'], capsys)
+    assert 'tokens.pt.partial' in err and err.count('\n') == 1 and 'weights_only=False' not in err, err
 
 
 def test_blown_up_weights_never_overwrite_a_good_checkpoint(tiny_run, tmp_path, capsys):
