@@ -5,7 +5,7 @@ Paper: "Distilling semantically aware orders for autoregressive image generation
 arXiv 2504.17069). One transformer is trained to generate image patches in *any* order (it is told where
 the next patch goes); it then finds, for every training image, the order in which that image's patches are
 easiest to predict; it is fine-tuned on those orders; and at sampling time it picks, step by step, the free
-position it is most sure of. Sections below follow the paper (PAPER.md in the project notes):
+position it is most sure of. Sections below follow the paper (the README's 'paper in the code' table maps them):
 
     data and tokens -> 1. dual positional encoding (the model) -> 2. any-order training
     -> 3. order extraction -> 4. fine-tuning -> 5. sampling (6. burst scoring lives in the model)
@@ -178,7 +178,7 @@ def tokens_path(args):
 
 
 def load_tokens(args, build=True):
-    """The token cache of --out (PAPER.md section 2: training reads cached tokens only). Built on first use.
+    """The token cache of --out (training reads cached tokens only). Built on first use.
     Returns dict(meta, train, train_labels, test, test_labels) with codes (n, H, W) int64."""
     path = tokens_path(args)
     if os.path.exists(path):
@@ -219,7 +219,8 @@ def make_tokenizer(args, ds, resume, device):
             raise OARError("--tokenizer vqgan needs --vqgan-ckpt PATH: taming-transformers' vqgan_imagenet_f16_1024 "
                            "last.ckpt (see the README)")
         if not os.path.isfile(args.vqgan_ckpt):
-            raise OARError(f"--vqgan-ckpt {args.vqgan_ckpt} is not a file: pass the path of last.ckpt")
+            raise OARError(f"--vqgan-ckpt {args.vqgan_ckpt} is not a file: pass the path of taming-transformers' "
+                           f"vqgan_imagenet_f16_1024 last.ckpt (see the README)")
         try:
             return vqgan.load_vqgan(args.vqgan_ckpt, device)
         except (FileNotFoundError, ValueError) as e:
@@ -435,7 +436,7 @@ class OAR(nn.Module):
         return (dy + H - 1) * (2 * W - 1) + (dx + W - 1)
 
     def embed(self, prev, cur, nxt, labels=None):
-        """Input at each step (PAPER.md section 1): token embedding of the current token (START where prev < 0)
+        """Input at each step (the paper's dual positional encoding): token embedding of the current token (START where prev < 0)
         + absolute embedding of its position `cur` + embedding of where the next token goes, `nxt`. (B, T) each."""
         B = prev.shape[0]
         if labels is None:
@@ -461,7 +462,7 @@ class OAR(nn.Module):
         return self.head(self.ln_f(x))
 
     def burst(self, prev, cur, cand, cache, labels=None, chunk=None):
-        """Logits for every candidate next position at once (PAPER.md section 6). prev, cur (B,): the last token
+        """Logits for every candidate next position at once (burst scoring). prev, cur (B,): the last token
         and its position; cand (B, K): candidate next positions. Candidates differ only in the next-position
         embedding, so each is one length-one query against the shared KV cache. Returns (B, K, V)."""
         B, K = cand.shape
@@ -498,17 +499,19 @@ def mean_jump(order, W):
 
 
 def order_diversity(order, max_pairs=20000, seed=0):
-    """How different the orders (B, N) are from each other: the mean, over pairs of orders, of |step at which a cell
-    is generated in one - in the other| / N, averaged over cells. 0: every order the same; about 1/3: random."""
-    B, N = order.shape
+    """How different the orders (B, T) are from each other: the mean, over pairs of orders, of |step at which a cell
+    is generated in one - in the other| / T, averaged over the cells. 0: every order the same; about 1/3: random.
+    T may be less than N (the cells an inpainting fills), the same set of cells in every row."""
+    B, T = order.shape
     if B < 2:
         return float('nan')
-    step = torch.empty_like(order)
-    step.scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))      # step[b, p]: when p came
+    step = torch.zeros(B, int(order.max()) + 1, dtype=torch.long, device=order.device)
+    step.scatter_(1, order, torch.arange(T, device=order.device).expand(B, T))      # step[b, p]: when p came
+    step = step[:, order[0]]                                                       # the cells that were ordered
     g = torch.Generator().manual_seed(seed)
     i, j = torch.randint(B, (max_pairs,), generator=g), torch.randint(B, (max_pairs,), generator=g)
     i, j = i[i != j], j[i != j]
-    return ((step[i] - step[j]).abs().float().mean() / N).item()
+    return ((step[i] - step[j]).abs().float().mean() / T).item()
 
 
 def local_orders(B, H, W, scale, generator=None):
@@ -740,8 +743,8 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
 
     - fixed `order` (B, N): raster or random sampling, the position of each step is given;
     - otherwise every free position j is scored (burst), `score(j) - lam * d(cur, j)`, and the best one taken:
-      OAR sampling (PAPER.md section 5), or, with `teacher` codes fed instead of samples, order extraction
-      (section 3). `score='confidence'` is log max_v p(v | prefix, next = j), a function of the prefix only;
+      OAR sampling, or, with `teacher` codes fed instead of samples, order extraction
+      (docs/orders.md). `score='confidence'` is log max_v p(v | prefix, next = j), a function of the prefix only;
       `'likelihood'` is log p(true token at j), which needs the teacher and peeks at the content it reveals;
     - `chooser`: another model scores the positions and `model` only draws the tokens. OAR sampling of a
       fine-tuned model passes the model that extracted its training orders, so it is sampled along the same kind
@@ -985,7 +988,8 @@ def sample(args):
     labels = class_labels(model, args.n, args.label)
     chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta']) if args.order == 'oar' else (None, 0.0, '')
     if args.order == 'oar':
-        print(f"OAR positions picked by {rule.replace('positions ', '') or 'the model itself'}, lam {lam:g}")
+        print(f"OAR positions picked by {'the model itself' if chooser is model else rule.replace('positions ', '')}, "
+              f"lam {lam:g}")
     t0 = time.time()
     codes, orders = sample_codes(model, args.n, args.order, args, g, labels, chooser=chooser, lam=lam)
     dt = time.time() - t0
@@ -1044,7 +1048,7 @@ def position_rule(path, model, args, meta):
         orders = model.record.get('orders')
         setting = read_orders(orders).get('setting') if orders and os.path.isfile(orders) else None
     if args.positions == 'self' or (args.positions == 'extractor' and not setting):
-        return model, args.lam or 0.0, ''
+        return model, args.lam or 0.0, 'positions self' if setting and args.positions == 'self' else ''
     if args.positions == 'extractor':
         src = setting['ckpt']
         if not os.path.isfile(src):  # the folder was moved: look beside the fine-tuned checkpoint

@@ -567,6 +567,10 @@ def test_order_diversity_of_equal_and_random_orders():
     assert oar.order_diversity(oar.raster_orders(50, 49)) == 0
     div = oar.order_diversity(oar.random_orders(500, 49, g))
     assert abs(div - (49 ** 2 - 1) / (3 * 49 ** 2)) < 0.01, f"random orders: {div} (expected (N^2 - 1) / 3N^2)"
+    rest = oar.mask_grid('centre', 7, 7).nonzero()[:, 0]  # inpainting: orders of the 9 masked cells only
+    assert oar.order_diversity(rest.expand(50, -1)) == 0
+    div = oar.order_diversity(rest[oar.random_orders(500, len(rest), g)])
+    assert abs(div - (9 ** 2 - 1) / (3 * 9 ** 2)) < 0.01, f"random fills: {div}"
 
 
 def test_kid_of_two_draws_of_one_set_is_near_zero_and_grows_with_noise():

@@ -1,5 +1,5 @@
 """
-Tokenizers: images <-> grids of discrete codes (PAPER.md section 8).
+Tokenizers: images <-> grids of discrete codes.
 
 - KMeansTokenizer: the small CPU tokenizer. Each p x p patch is replaced by the nearest of K centroids
   fitted with scipy's k-means (classic vector quantization). Fashion-MNIST 28 px, 4 x 4, K = 256 -> 7 x 7 codes.
