@@ -871,12 +871,9 @@ def describe_extraction(setting):
 
 def read_orders(path):
     """An orders file (or shard): orders (n, N), filled (n,) which rows are done, setting, tokens, test_orders."""
-    try:
-        of = torch.load(path, weights_only=True)
-        if not isinstance(of, dict) or 'orders' not in of:
-            raise ValueError('no orders in it')
-    except Exception as e:
-        raise OARError(f"{path} is not a readable orders file ({type(e).__name__}): delete it and extract again")
+    of = read_ours(path, 'orders file')
+    if not isinstance(of, dict) or 'orders' not in of:
+        raise OARError(f"{path} is not an orders file: delete it and extract again")
     if 'filled' not in of:  # written before extraction was sharded: its first `done` rows are filled
         of['filled'] = torch.arange(len(of['orders'])) < of.pop('done')
     return of
@@ -995,7 +992,7 @@ def sample(args):
     dt = time.time() - t0
     images = decode(tok, codes, H, W)
     name = [os.path.splitext(os.path.basename(args.ckpt))[0], args.order]
-    name += ['self'] if args.order == 'oar' and args.positions == 'self' and chooser is model and model.record.get('extractor') else []
+    name += ['self'] if rule == 'positions self' else []
     name += [f'posT{args.pos_temperature:g}' + ('anneal' if args.pos_anneal else '')] if args.pos_temperature else []
     name += [] if labels is None else [f'class{args.label}' if args.label is not None else 'classes', f'cfg{args.cfg:g}']
     stem = args.png or os.path.join(args.out, 'samples_' + '_'.join(name))
