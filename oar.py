@@ -901,7 +901,7 @@ def distill(args):
         # extraction with distill's data flags and extraction flags, and extract's defaults for the rest
         extract(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, eval_n=args.eval_n, ckpt=prev,
                                    orders=orders, n=args.n, lam=args.lam, score=args.score, chunk=args.chunk,
-                                   batch_size=256, save_every=4))
+                                   **EXTRACT_DEFAULTS))
         finetune(argparse.Namespace(**{**vars(args), 'order': 'extracted', 'init': prev, 'orders': orders, 'ckpt': ckpt}))
         files.append((prev, orders, ckpt))
         prev = ckpt
@@ -956,7 +956,8 @@ def inception_features(net, images, device, batch=32, desc='inception'):
     for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
         x = images[i:i + batch].to(device).float().expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
-        feats.append(net(x / 128 - 1).double().cpu())
+        x = (x / 128 - 1).contiguous(memory_format=torch.channels_last)  # 1.2-1.3x faster convolutions on a CPU
+        feats.append(net(x).double().cpu())
     return torch.cat(feats).numpy()
 
 
@@ -1294,6 +1295,9 @@ def from_uint8(imgs):
 
 # ------------------------------------------------ plumbing: the token cache (the tokenizers themselves are in vqgan.py)
 
+# the defaults of tokenize's and extract's own flags, shared by the parser and by the commands that call them
+TOKENIZE_DEFAULTS = dict(batch_size=512, fit_images=60000)  # a first `train` in a fresh --out tokenizes with these
+EXTRACT_DEFAULTS = dict(batch_size=256, save_every=4)       # each `distill` round extracts with these
 DATA_FLAGS = ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size', 'device', 'seed')  # every command's
 
 
@@ -1321,8 +1325,7 @@ def load_tokens(args, build=True):
     if not build:
         raise OARError(f"no token cache at {path}: run 'python oar.py tokenize --out {args.out}' first")
     # a first `train` in a fresh --out tokenizes, with the data flags it was given and tokenize's other defaults
-    return tokenize(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, vqgan_ckpt=None, batch_size=512,
-                                       fit_images=60000))
+    return tokenize(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, vqgan_ckpt=None, **TOKENIZE_DEFAULTS))
 
 
 def load_tokenizer(args, device='cpu'):
@@ -1906,8 +1909,8 @@ def build_parser():
 
     s = sub.add_parser('tokenize', parents=[data], formatter_class=fmt, help='fit the tokenizer and cache the tokens')
     s.add_argument('--vqgan-ckpt', default=None, help='taming VQ-GAN checkpoint (.ckpt or state-dict .pt) for --tokenizer vqgan')
-    s.add_argument('--batch-size', type=POS, default=512, help='images read and encoded per chunk (the unit of resuming)')
-    s.add_argument('--fit-images', type=POS, default=60000, help='k-means: training images whose patches are sampled for the fit')
+    s.add_argument('--batch-size', type=POS, default=TOKENIZE_DEFAULTS['batch_size'], help='images read and encoded per chunk (the unit of resuming)')
+    s.add_argument('--fit-images', type=POS, default=TOKENIZE_DEFAULTS['fit_images'], help='k-means: training images whose patches are sampled for the fit')
     s.set_defaults(func=tokenize)
 
     def trainer_flags(s, steps, lr, min_lr, warmup):  # a function, not a parent parser: defaults differ per command
@@ -1963,9 +1966,9 @@ def build_parser():
                    help="confidence: log max_v p, the model's own confidence, a function of what is already known; "
                         "likelihood (the v1 reading, an ablation): log p of the true token, which peeks at the "
                         "content it reveals, so the orders leak the image and their bits are not a likelihood")
-    s.add_argument('--batch-size', type=POS, default=256, help='images extracted together')
+    s.add_argument('--batch-size', type=POS, default=EXTRACT_DEFAULTS['batch_size'], help='images extracted together')
     s.add_argument('--chunk', type=POS, default=None, help='candidates per forward (default: from the free memory)')
-    s.add_argument('--save-every', type=POS, default=4, help='batches between saves of the orders file')
+    s.add_argument('--save-every', type=POS, default=EXTRACT_DEFAULTS['save_every'], help='batches between saves of the orders file')
     s.set_defaults(func=extract)
 
     def sampling_flags(s):  # sample and eval draw images the same way

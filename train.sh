@@ -27,7 +27,7 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
   OUT=${OUT:-out}; PART=${PART:-core}
   MODEL=(); FIT=()
-  : "${STEPS:=2000}" "${FT_STEPS:=700}" "${N_EXTRACT:=5000}" "${N_FID:=400}" "${REF_N:=2000}" "${SEEDS:=0 1 2}" "${EVAL_N:=1000}"
+  : "${STEPS:=2000}" "${FT_STEPS:=700}" "${N_EXTRACT:=5000}" "${N_FID:=300}" "${REF_N:=2000}" "${SEEDS:=0 1 2}" "${EVAL_N:=1000}"
 fi
 read -r -a SEEDS <<< "$SEEDS"
 REF=(--ref-n "$REF_N")
