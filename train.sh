@@ -13,7 +13,8 @@
 #
 # Sizes, from the environment: STEPS (any-order training steps), FT_STEPS (fine-tuning steps; the raster model
 # trains STEPS + FT_STEPS, the same budget), N_EXTRACT (training images whose order is extracted), N_FID (samples
-# per row and seed), REF_N (real test images behind FID and KID; 0 = all 10,000), SEEDS (sampling seeds).
+# per row and seed), REF_N (real test images behind FID and KID; 0 = all 10,000), SEEDS (sampling seeds), MODEL
+# (the model's train flags, e.g. MODEL="--n-layer 6 --n-head 6 --n-embd 192"; default 4 x 128, 0.89M parameters).
 # The longer run of docs/sweep.md: STEPS=3000 FT_STEPS=1000 N_FID=1000 REF_N=0 OUT=out_long bash train.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,14 +23,15 @@ export PYTHONWARNINGS=ignore
 
 if [ "${QUICK:-0}" = 1 ]; then
   OUT=${OUT:-out_quick}; PART=${PART:-all}
-  MODEL=(--n-layer 1 --n-head 2 --n-embd 32); FIT=(--fit-images 5000)
+  : "${MODEL:=--n-layer 1 --n-head 2 --n-embd 32}"; FIT=(--fit-images 5000)
   : "${STEPS:=60}" "${FT_STEPS:=30}" "${N_EXTRACT:=256}" "${N_FID:=16}" "${REF_N:=64}" "${SEEDS:=0 1}" "${EVAL_N:=256}"
 else
   OUT=${OUT:-out}; PART=${PART:-core}
-  MODEL=(); FIT=()
+  : "${MODEL:=}"; FIT=()
   : "${STEPS:=2000}" "${FT_STEPS:=700}" "${N_EXTRACT:=5000}" "${N_FID:=300}" "${REF_N:=2000}" "${SEEDS:=0 1 2}" "${EVAL_N:=1000}"
 fi
 read -r -a SEEDS <<< "$SEEDS"
+read -r -a MODEL <<< "$MODEL"
 REF=(--ref-n "$REF_N")
 mkdir -p "$OUT"
 : > "$OUT/timings.md"
