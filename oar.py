@@ -430,6 +430,10 @@ def finetune(args):
     data, procs = training_data(args)
     of = load_orders(args.orders, data['meta'])
     init = load_checkpoint(args.init, data['meta'])
+    passes = args.steps * args.batch_size / len(of['orders'])  # over about 15 passes overfit here: docs/orders.md, 5
+    if procs[0] == 0:
+        print(f"{args.steps} steps of {args.batch_size} images: {passes:.1f} passes over {len(of['orders'])} extracted "
+              f"orders{'; many: watch the held-out bits, or extract more orders (--n)' if passes > 15 else ''}")
     return fit(args, data, GPTConfig(**init['config']), procs, init=init['model'], orders=of['orders'].long(),
                test_orders=of['test_orders'].long(), extractor=of['setting'])
 

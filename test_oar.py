@@ -468,6 +468,7 @@ def test_extract_finetune_sample_pipeline(tiny_run, tmp_path, monkeypatch, capsy
     before = oar.heldout_bits(oar.load_model(f'{out}/any.pt', data['meta'], 'cpu'), codes, 'extracted', orders=orders)
     oar.main(['finetune', '--out', out, '--steps', '60', '--lr', '3e-3', '--batch-size', '16', '--eval-n', '16',
               '--eval-every', '1000', '--warmup', '2'])
+    assert '20.0 passes over 48 extracted orders; many' in capsys.readouterr().out  # 60 steps x 16 / 48
     after = oar.heldout_bits(oar.load_model(f'{out}/oar.pt', data['meta'], 'cpu'), codes, 'extracted', orders=orders)
     assert after < before, f"bits/token under extracted orders {before:.3f} -> {after:.3f}"
 

@@ -15,7 +15,7 @@
 # trains STEPS + FT_STEPS, the same budget), N_EXTRACT (training images whose order is extracted), N_FID (samples
 # per row and seed), REF_N (real test images behind FID and KID; 0 = all 10,000), SEEDS (sampling seeds), MODEL
 # (the model's train flags, e.g. MODEL="--n-layer 6 --n-head 6 --n-embd 192"; default 4 x 128, 0.89M parameters).
-# The longer run of docs/sweep.md: STEPS=3000 FT_STEPS=1000 N_FID=1000 REF_N=0 OUT=out_long bash train.sh
+# A budget of docs/orders.md, section 5: STEPS=9000 FT_STEPS=3000 N_FID=1000 REF_N=0 SEEDS=0 OUT=out_long bash train.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
