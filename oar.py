@@ -43,6 +43,9 @@ from tqdm import tqdm
 import vqgan
 
 
+POSITION_HEAD = ('first_pos', 'pos_mlp', 'where', 'pos_out', 'pos_rel')  # the position head's parameters (ours)
+
+
 class OARError(Exception):
     """A problem the user can fix (missing data, wrong checkpoint, ...): printed as one line, exit code 2."""
 
@@ -60,6 +63,8 @@ class GPTConfig:
     dropout: float = 0.0          # dropout in attention, MLP and embeddings
     next_pos: str = 'relative'    # where-the-next-token-goes embedding: 'relative' (grid offset, the paper's) or 'absolute' (sigma-GPT's)
     n_class: int = 0              # classes for class-conditional START tokens (0: unconditional)
+    pos_head: str = 'none'        # where-next head (ours, the paper's open question 2): 'none', 'mlp' or 'query'
+    pos_hidden: int = 128         # width of the 'mlp' position head's hidden layer
 
     @property
     def n_pos(self):
@@ -73,12 +78,13 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, mask=None):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
-        if cache is None:  # the whole sequence at once, causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0)
+        if cache is None:  # the whole sequence at once: causal, or what `mask` (T, T) allows
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0)
         else:  # burst: T candidates, each a length-one query that sees the cached prefix and itself, not the others
             kc, vc = cache.prefix(layer)  # (B, nh, L, hs) views into the pre-allocated cache: never copied
             cache.stash(layer, k, v)      # the chosen candidate's k, v become the cache's next row
@@ -100,8 +106,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -120,6 +126,10 @@ class KVCache:
 
     def stash(self, layer, k, v):
         self.fresh[layer].append((k, v))
+
+    def discard(self):
+        """Forget this step's queries (a where-next query is never part of the prefix)."""
+        self.fresh = [[] for _ in self.fresh]
 
     def commit(self, pick):
         """Write the k, v of candidate `pick` (B,) of this step as the next row, for every layer."""
@@ -148,7 +158,20 @@ class OAR(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
+        # where the next token goes (ours; absent from an any-order model): see `position_logits`
+        if cfg.pos_head != 'none':   # a learned bias per grid offset of the jump: locality at no cost
+            self.pos_rel = nn.Embedding((2 * H - 1) * (2 * W - 1), 1)
+        if cfg.pos_head == 'mlp':    # read the last hidden state, the token just placed and its position
+            self.first_pos = nn.Embedding(cfg.n_class + 1, cfg.n_pos)  # logits of the first position, per START
+            self.pos_mlp = nn.Sequential(nn.Linear(3 * C, cfg.pos_hidden), nn.GELU(), nn.Linear(cfg.pos_hidden, cfg.n_pos))
+        elif cfg.pos_head == 'query':  # a second length-one query per step: "where next?" in place of next_emb
+            self.where = nn.Parameter(torch.zeros(C))
+            self.pos_out = nn.Linear(C, cfg.n_pos)
         self.apply(self._init_weights)
+        if cfg.pos_head == 'query':
+            nn.init.normal_(self.where, 0.0, 0.02)
+        if cfg.pos_head != 'none':
+            nn.init.zeros_(self.pos_rel.weight)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled down with depth
             if name.endswith('c_proj.weight') or name.endswith('mlp.2.weight'):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
@@ -162,8 +185,10 @@ class OAR(nn.Module):
 
     def next_index(self, cur, nxt):
         """Row of next_emb for a step from position `cur` (N = the virtual centre) to position `nxt`."""
-        if self.cfg.next_pos == 'absolute':
-            return nxt
+        return nxt if self.cfg.next_pos == 'absolute' else self.offset_index(cur, nxt)
+
+    def offset_index(self, cur, nxt):
+        """Index of the grid offset (dy, dx) of a step from `cur` (N = the virtual centre) to `nxt`."""
         H, W = self.cfg.grid_h, self.cfg.grid_w
         cy = torch.where(cur == H * W, H // 2, cur // W)
         cx = torch.where(cur == H * W, W // 2, cur % W)
@@ -177,26 +202,59 @@ class OAR(nn.Module):
         if labels is None:
             labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=prev.device)
         tok = torch.where((prev < 0)[..., None], self.start(labels)[:, None], self.tok_emb(prev.clamp(min=0)))
-        return self.drop(tok + self.pos_emb(cur) + self.next_emb(self.next_index(cur, nxt)))
+        nxt_emb = self.next_emb(self.next_index(cur, nxt.clamp(min=0)))
+        if self.cfg.pos_head == 'query':  # nxt < 0: the where-next query, which does not know the next position
+            nxt_emb = torch.where((nxt < 0)[..., None], self.where, nxt_emb)
+        return self.drop(tok + self.pos_emb(cur) + nxt_emb)
 
-    def forward(self, codes, order, labels=None):
+    def forward(self, codes, order, labels=None, positions=False):
         """codes (B, N) in raster index, order (B, T) a (prefix of a) permutation per sample.
-        Returns logits (B, T, V): logits[:, t] predicts codes[order[:, t]]."""
+        Returns logits (B, T, V): logits[:, t] predicts codes[order[:, t]]. With `positions` (a model with a
+        position head) also the position logits (B, T, N): row t scores where s(t) goes, used positions -inf."""
         B, T = order.shape
         x_ord = codes.gather(1, order)                                          # tokens in generation order
         start = torch.full((B, 1), -1, dtype=torch.long, device=codes.device)
         centre = torch.full((B, 1), self.cfg.n_pos, dtype=torch.long, device=codes.device)
         prev = torch.cat([start, x_ord[:, :-1]], 1)                             # [START, x[s0], ..., x[s(T-2)]]
         cur = torch.cat([centre, order[:, :-1]], 1)                             # where each of those sits
-        x = self.embed(prev, cur, order, labels)
+        x, mask = self.embed(prev, cur, order, labels), None
+        query = positions and self.cfg.pos_head == 'query'
+        if query:  # T where-next queries after the T inputs: query t sees inputs < t and itself (as in sampling)
+            x = torch.cat([x, self.embed(prev, cur, torch.full_like(order, -1), labels)], 1)   # (B, 2T, C)
+            i = torch.arange(T, device=codes.device)
+            mask = torch.cat([torch.cat([i[:, None] >= i, torch.zeros(T, T, dtype=torch.bool, device=i.device)], 1),
+                              torch.cat([i[:, None] > i, torch.eye(T, dtype=torch.bool, device=i.device)], 1)])
         for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
+            x = block(x, mask=mask)
+        h = self.ln_f(x)
+        logits = self.head(h[:, :T])
+        if not positions:
+            return logits
+        if query:
+            pos = self.pos_out(h[:, T:])                                                        # (B, T, N)
+        else:  # s(0) from the START row's table, s(t + 1) from step t's hidden state, token and position
+            pos = torch.cat([self.first_position(B, labels, codes.device)[:, None], self.pos_mlp(torch.cat(
+                [h[:, :T - 1], self.tok_emb(x_ord[:, :T - 1]), self.pos_emb(order[:, :T - 1])], -1))], 1)
+        pos = pos + self.jump_bias(cur)
+        onehot = F.one_hot(order, self.cfg.n_pos)
+        used = (onehot.cumsum(1) - onehot).bool()                               # used[:, t]: placed before step t
+        return logits, pos.float().masked_fill(used, float('-inf'))
 
-    def burst(self, prev, cur, cand, cache, labels=None, chunk=None):
-        """Logits for every candidate next position at once (burst scoring). prev, cur (B,): the last token
-        and its position; cand (B, K): candidate next positions. Candidates differ only in the next-position
-        embedding, so each is one length-one query against the shared KV cache. Returns (B, K, V)."""
+    def jump_bias(self, cur):
+        """(..., N): the position head's learned bias for a jump from `cur` (...) to each position."""
+        return self.pos_rel(self.offset_index(cur[..., None], torch.arange(self.cfg.n_pos, device=cur.device)))[..., 0]
+
+    def first_position(self, B, labels, device):
+        """'mlp' head: logits (B, N) of the first position, one learned row per START (class or null)."""
+        if labels is None:
+            labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=device)
+        return self.first_pos(labels)
+
+    def burst_features(self, prev, cur, cand, cache, labels=None, chunk=None):
+        """The final hidden states (B, K, C) of every candidate next position at once (burst scoring). prev,
+        cur (B,): the last token and its position; cand (B, K): candidate next positions (-1: the where-next
+        query). Candidates differ only in the next-position embedding, so each is one length-one query against
+        the shared KV cache."""
         B, K = cand.shape
         chunk = chunk or K
         out = []
@@ -205,8 +263,27 @@ class OAR(nn.Module):
             x = self.embed(prev[:, None].expand_as(c), cur[:, None].expand_as(c), c, labels)  # (B, k, C)
             for layer, block in enumerate(self.blocks):
                 x = block(x, cache, layer)
-            out.append(self.head(self.ln_f(x)))
+            out.append(self.ln_f(x))
         return torch.cat(out, 1)
+
+    def burst(self, prev, cur, cand, cache, labels=None, chunk=None):
+        """Next-token logits (B, K, V) of every candidate next position (see `burst_features`)."""
+        return self.head(self.burst_features(prev, cur, cand, cache, labels, chunk))
+
+    def position_logits(self, prev, cur, hidden, cache, labels=None):
+        """Where the next token goes, (B, N) logits over all positions (the caller masks the used ones), after
+        the token `prev` (B,) was placed at `cur` (START: -1 at the centre N). 'mlp': from `hidden` (B, C), the
+        final hidden state of the step that drew `prev` (None at START: the first-position table); 'query': a
+        where-next query on the KV cache, which leaves the cache as it was."""
+        if self.cfg.pos_head == 'query':
+            h = self.burst_features(prev, cur, torch.full_like(prev, -1)[:, None], cache, labels)[:, 0]
+            cache.discard()
+            pos = self.pos_out(h)
+        elif hidden is None:
+            pos = self.first_position(prev.shape[0], labels, prev.device)
+        else:
+            pos = self.pos_mlp(torch.cat([hidden, self.tok_emb(prev), self.pos_emb(cur)], -1))
+        return (pos + self.jump_bias(cur)).float()
 
 
 # --------------------------------------------------------------- 2. orders: raster, random, local, and their statistics
@@ -269,10 +346,19 @@ def order_diversity(order, max_pairs=20000, seed=0):
 
 # ------------------------------------------------------------------------- 3. any-order training: the loss and the loop
 
-def order_loss(model, codes, order, labels=None):
-    """Mean cross-entropy over all targets when `codes` are generated in `order` (nats per token)."""
-    logits = model(codes, order, labels)
-    return F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
+def order_loss(model, codes, order, labels=None, pos_weight=0.0, learn=None):
+    """Mean cross-entropy over all targets when `codes` are generated in `order` (nats per token). With
+    `pos_weight` > 0 (a model with a position head, ours) plus pos_weight times the mean cross-entropy of the
+    order's own positions, each step's choice among the free positions, on the rows `learn` (B,) bool: the
+    extracted orders (a fresh random order teaches no position)."""
+    if not pos_weight:
+        logits = model(codes, order, labels)
+        return F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
+    logits, pos = model(codes, order, labels, positions=True)                       # (B, T, V), (B, T, N)
+    token = F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
+    where = F.cross_entropy(pos.flatten(0, 1), order.flatten(), reduction='none').view(order.shape).mean(1)
+    w = torch.ones_like(where) if learn is None else learn.to(where)
+    return token + pos_weight * (where * w).sum() / w.sum().clamp(min=1)
 
 
 def make_orders(kind, idx, cfg, generator, orders=None, scale=1.0):
@@ -302,6 +388,25 @@ def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1
             total += order_loss(model, codes[idx].to(dev), order,
                                 None if labels is None else labels[idx].to(dev)).item() * len(idx)
     return total / len(codes) / math.log(2)
+
+
+@torch.no_grad()
+def heldout_positions(model, codes, orders, labels=None, batch=256):
+    """A position head on held-out images along their extracted orders: (bits per token of the order, the
+    head's -log2 p(s | x) / N; top-1 agreement with the extractor's choice, over the steps with more than one
+    free position). Token bits plus order bits are -log2 p(x, s) / N, an upper bound on the image's bits."""
+    model.eval()
+    dev = next(model.parameters()).device
+    nats, hits = 0.0, 0
+    for i in range(0, len(codes), batch):
+        order = orders[i:i + batch].to(dev)
+        with autocast(dev):
+            _, pos = model(codes[i:i + batch].to(dev), order, None if labels is None else labels[i:i + batch].to(dev),
+                           positions=True)
+        nats += F.cross_entropy(pos.flatten(0, 1), order.flatten(), reduction='sum').item()
+        hits += (pos.argmax(-1) == order)[:, :-1].sum().item()
+    n, N = orders.shape
+    return nats / (n * N) / math.log(2), hits / (n * (N - 1))
 
 
 def lr_at(step, args):
@@ -341,19 +446,26 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
     if not cfg.n_class:
         labels = test_labels = None
     scale = getattr(args, 'local_scale', 1.0)
+    mix = getattr(args, 'mix', 0.0)                                       # fine-tuning only
+    pos_weight = getattr(args, 'pos_weight', 0.0) if cfg.pos_head != 'none' else 0.0
     ckpt = resumed_checkpoint(args, data['meta'], cfg, extractor)
     step = ckpt['step'] if ckpt else 0
     torch.manual_seed(args.seed)  # the initial weights
     model = OAR(cfg).to(dev)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on the matrices only
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                            lr=args.lr, betas=(0.9, 0.95), fused=dev.type == 'cuda')
+    groups = []  # weight decay on the matrices only; a fresh position head at --pos-lr-scale times the rate
+    for head in (False, True):
+        params = [p for name, p in model.named_parameters() if name.startswith(POSITION_HEAD) == head]
+        rate = getattr(args, 'pos_lr_scale', 1.0) if head else 1.0
+        groups += [dict(params=ps, weight_decay=wd, lr_scale=rate) for ps, wd in
+                   (([p for p in params if p.dim() >= 2], args.weight_decay), ([p for p in params if p.dim() < 2], 0.0)) if ps]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=dev.type == 'cuda')
     if ckpt:
         model.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['optim'])
-    elif init is not None:
-        model.load_state_dict(init)
+    elif init is not None:  # an any-order model gets a fresh position head; a head it has but cfg lacks is dropped
+        missing, unexpected = model.load_state_dict(init, strict=False)
+        if [k for k in missing + unexpected if not k.startswith(POSITION_HEAD)]:
+            raise OARError(f"--init does not fit this model: missing {missing}, unexpected {unexpected}")
     fwd = DDP(model) if world > 1 else model  # averages the gradients of all processes in backward
     fwd = torch.compile(fwd) if args.compile else fwd
     if rank == 0:
@@ -370,7 +482,8 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
         if rank == 0:  # one writer: every process holds the same weights
             save_checkpoint(args.ckpt, model, loss, optim=opt.state_dict(), config=asdict(cfg), step=step,
                             order=args.order, local_scale=scale, tokens=tokens_id(data['meta']),
-                            orders=getattr(args, 'orders', None), extractor=extractor)  # fine-tuned: its orders
+                            orders=getattr(args, 'orders', None), extractor=extractor,  # fine-tuned: its orders
+                            mix=mix, pos_weight=pos_weight)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
     mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
@@ -381,18 +494,25 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
         while step < args.steps:
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps - 1):
                 bits = heldout_bits(model, test, args.order, orders=test_orders, labels=test_labels, scale=scale)
-                bar.write(f"step {step}: held-out {bits:.3f} bits/token ({args.order} order)")
+                where = ('' if not pos_weight else '; position head: {:.3f} bits/token of the order, top-1 agreement '
+                         '{:.3f}'.format(*heldout_positions(model, test, test_orders, test_labels)))
+                bar.write(f"step {step}: held-out {bits:.3f} bits/token ({args.order} order){where}")
             for group in opt.param_groups:
-                group['lr'] = lr_at(step, args)
+                group['lr'] = lr_at(step, args) * group.get('lr_scale', 1.0)
             model.train()
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # batch of step s is a function of s: exact resume
             idx = torch.randint(len(codes), (args.batch_size,), generator=g)   # the global batch, the same in every process
             order = make_orders(args.order, idx, cfg, g, orders, scale)       # (B, N)
+            learn = None                                                       # rows whose positions the head learns
+            if mix:  # fine-tuning on a mix (ours): a share of the images on fresh random orders, the rest extracted
+                rand = torch.rand(len(idx), generator=g) < mix
+                order, learn = torch.where(rand[:, None], random_orders(len(idx), cfg.n_pos, g), order), ~rand
             if labels is not None:  # label dropout: the null class (last START row) teaches the unconditional model
                 y = labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_drop, cfg.n_class)
             with autocast(dev, args.bf16):
                 loss = order_loss(fwd, codes[idx[mine]].to(dev), order[mine].to(dev),
-                                  None if labels is None else y[mine].to(dev))
+                                  None if labels is None else y[mine].to(dev), pos_weight,
+                                  None if learn is None else learn[mine])
             loss_seen = mean_finite_loss(loss, world, step, args.ckpt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -434,7 +554,8 @@ def finetune(args):
     if procs[0] == 0:
         print(f"{args.steps} steps of {args.batch_size} images: {passes:.1f} passes over {len(of['orders'])} extracted "
               f"orders{'; many: watch the held-out bits, or extract more orders (--n)' if passes > 15 else ''}")
-    return fit(args, data, GPTConfig(**init['config']), procs, init=init['model'], orders=of['orders'].long(),
+    cfg = GPTConfig(**{**init['config'], 'pos_head': args.pos_head, 'pos_hidden': args.pos_hidden})
+    return fit(args, data, cfg, procs, init=init['model'], orders=of['orders'].long(),
                test_orders=of['test_orders'].long(), extractor=of['setting'])
 
 
@@ -442,8 +563,8 @@ def finetune(args):
 
 @torch.no_grad()
 def generate(model, B, order=None, teacher=None, prompt=None, known=None, score='confidence', lam=0.0, temperature=1.0,
-             top_k=0, pos_temperature=0.0, pos_anneal=False, chooser=None, chunk=None, labels=None, guidance=None,
-             generator=None, progress=False):
+             top_k=0, pos_temperature=0.0, pos_anneal=False, chooser=None, head=False, chunk=None, labels=None,
+             guidance=None, generator=None, progress=False):
     """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order), (B, N).
 
     - fixed `order` (B, N): raster or random sampling, the position of each step is given;
@@ -454,6 +575,8 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
     - `chooser`: another model scores the positions and `model` only draws the tokens. OAR sampling of a
       fine-tuned model passes the model that extracted its training orders, so it is sampled along the same kind
       of orders it was fine-tuned on (the extractor's rule); each model keeps its own KV cache;
+    - `head`: the model's own position head picks each position (ours: one model, one token query per step, and
+      for a 'query' head one where-next query), the most likely free position, or sampled at `pos_temperature`;
     - `pos_temperature` T > 0: Gumbel noise of scale T is added to the scores before the argmax (this samples the
       position from softmax(score / T)); with `pos_anneal` the scale falls linearly to 0 over the steps;
     - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order, unchanged;
@@ -463,7 +586,9 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
       the unconditional one. Each half has its own KV cache."""
     cfg, dev = model.cfg, next(model.parameters()).device
     N, W = cfg.n_pos, cfg.grid_w
-    chooser = None if chooser is model or order is not None else chooser
+    chooser = None if chooser is model or order is not None or head else chooser
+    if head and cfg.pos_head == 'none':
+        raise OARError("this model has no position head: fine-tune it with --pos-head mlp or query")
     if chooser is not None and (chooser.cfg.grid_h, chooser.cfg.grid_w, chooser.cfg.vocab_size) != (cfg.grid_h, W, cfg.vocab_size):
         raise OARError("the position chooser was trained on another grid or codebook than the model")
     chunk = chunk or auto_chunk(cfg, B, dev)
@@ -482,11 +607,19 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
     cur = torch.full((B,), N, device=dev)    # START's virtual centre
     rows = torch.arange(B, device=dev)
 
-    def token_logits(cand):  # the model's next-token logits at each candidate (B, K, V), with guidance if asked
-        logits = model.burst(prev, cur, cand, caches[0], labels, chunk).float()
+    def token_logits(cand):  # next-token logits (B, K, V) at each candidate, with guidance if asked; hidden states
+        h = model.burst_features(prev, cur, cand, caches[0], labels, chunk)
+        logits = model.head(h).float()
         if guidance is not None:
             logits = logits * guidance + model.burst(prev, cur, cand, caches[1], null, chunk).float() * (1 - guidance)
-        return logits
+        return logits, h
+
+    def best(s, t):  # index (B,) of the best score, or with a position temperature a sample of softmax(s / T)
+        T = pos_temperature * ((1 - (t - P) / (N - P)) if pos_anneal else 1)
+        if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
+            u = torch.rand(s.shape, generator=generator).clamp(1e-12, 1 - 1e-7).to(dev)
+            s = s - T * (-u.log()).log()
+        return s.argmax(1)
 
     def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
         if cand.size(1) == 1:
@@ -498,35 +631,35 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
             s = logp.max(-1).values
         if t > 0 and lam:
             s = s - lam * grid_distance(cur[:, None], cand, W)
-        T = pos_temperature * ((1 - (t - P) / (N - P)) if pos_anneal else 1)
-        if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
-            u = torch.rand(s.shape, generator=generator).clamp(1e-12, 1 - 1e-7).to(dev)
-            s = s - T * (-u.log()).log()
-        return s.argmax(1)
+        return best(s, t)
 
+    hidden = None  # the final hidden state of the last step's token query: what an 'mlp' position head reads
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
-        if t < P:                                                   # a known code of the prompt
-            cand = first[t].expand(B, 1)
-        elif order is not None:                                     # a given order
-            cand = order[:, t - P:t - P + 1].to(dev)
-        else:                                                       # every free position: (B, K)
-            cand = free.nonzero()[:, 1].view(B, N - t)
         with autocast(dev):
+            if t < P:                                               # a known code of the prompt
+                cand = first[t].expand(B, 1)
+            elif order is not None:                                 # a given order
+                cand = order[:, t - P:t - P + 1].to(dev)
+            elif head:                                              # the position head: one position (B, 1)
+                where = model.position_logits(prev, cur, hidden, caches[0], labels).masked_fill(~free, float('-inf'))
+                cand = best(where, t)[:, None]
+            else:                                                   # every free position: (B, K)
+                cand = free.nonzero()[:, 1].view(B, N - t)
             if chooser is None:  # one burst: the same logits score the positions and draw the token
-                logits = token_logits(cand)
+                logits, h = token_logits(cand)
                 pick = choose(logits, cand, t)
             else:                # the chooser's burst picks the position; the model then sees only that one
                 pick = choose(chooser.burst(prev, cur, cand, chooser_cache, labels, chunk).float(), cand, t)
                 chooser_cache.commit(pick)
                 cand, pick = cand.gather(1, pick[:, None]), torch.zeros_like(pick)
-                logits = token_logits(cand)
+                logits, h = token_logits(cand)
         pos = cand[rows, pick]
         if teacher is None and t >= P:
             codes[rows, pos] = sample_token(logits[rows, pick], temperature, top_k, generator)
         for cache in caches:
             cache.commit(pick)
         chosen[:, t], free[rows, pos] = pos, False
-        prev, cur = codes[rows, pos], pos
+        prev, cur, hidden = codes[rows, pos], pos, h[rows, pick].float()
     return codes, chosen
 
 
@@ -616,6 +749,10 @@ def order_report(model, test, test_orders, train_orders=None, labels=None):
             ('raster', heldout_bits(model, test, 'raster', labels=labels), mean_jump(raster_orders(1, test.shape[1]), W))]
     lines = [f"held-out ({len(test)} test images)", '| order | bits/token | mean jump |', '|---|---|---|']
     lines += [f'| {name} | {bits:.3f} | {jump:.2f} |' for name, bits, jump in rows]
+    if model.cfg.pos_head != 'none':  # the order's own bits: -log2 p(x, s) / N = token bits + order bits
+        where, agree = heldout_positions(model, test, test_orders, labels)
+        lines.append(f"position head ({model.cfg.pos_head}) on the extracted orders: {where:.3f} bits/token of the order, "
+                     f"top-1 agreement with the extractor {agree:.3f}; image and order {rows[0][1] + where:.3f} bits/token")
     if train_orders is not None:
         lines.append(f"mean jump of the {len(train_orders)} extracted training orders: {mean_jump(train_orders, W):.2f}")
     return '\n'.join(lines)
@@ -633,14 +770,16 @@ def sample(args):
     labels = class_labels(model, args.n, args.label)
     chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta']) if args.order == 'oar' else (None, 0.0, '')
     if args.order == 'oar':
-        print(f"OAR positions picked by {'the model itself' if chooser is model else rule.replace('positions ', '')}, "
-              f"lam {lam:g}")
+        who = ('the model itself' if chooser is model else "the model's position head" if rule == 'positions head'
+               else 'the extracted order of a random training image' if rule == 'positions layout'
+               else rule.replace('positions ', ''))
+        print(f"OAR positions picked by {who}{f', lam {lam:g}' if isinstance(chooser, OAR) else ''}")
     t0 = time.time()
     codes, orders = sample_codes(model, args.n, args.order, args, g, labels, chooser=chooser, lam=lam)
     dt = time.time() - t0
     images = decode(tok, codes, H, W)
     name = [os.path.splitext(os.path.basename(args.ckpt))[0], args.order]
-    name += ['self'] if rule == 'positions self' else []
+    name += [rule.split()[1]] if rule in ('positions self', 'positions head', 'positions layout') else []
     name += [f'posT{args.pos_temperature:g}' + ('anneal' if args.pos_anneal else '')] if args.pos_temperature else []
     name += [] if labels is None else [f'class{args.label}' if args.label is not None else 'classes', f'cfg{args.guidance:g}']
     stem = args.png or os.path.join(args.out, 'samples_' + '_'.join(name))
@@ -666,14 +805,26 @@ def position_rule(path, model, args, meta):
     sampled along its extractor's rule, the confidence of the checkpoint that extracted its training orders and
     that extraction's --lam, so it meets the kind of orders it was fine-tuned on; a model that was not fine-tuned
     is its own extractor. --positions self: the model's own confidence. --positions CKPT: that checkpoint's.
-    An explicit --lam overrides the rule's."""
+    --positions head: the model's own position head (ours; one model, one token query per step); chooser 'head'.
+    --positions auto (the default): head where the model has one, else extractor. --positions layout (ours): each
+    sample follows, fixed in advance, the extracted order of a random training image (the chooser is then those
+    orders, (n, N)). An explicit --lam overrides the rule's (a head has no --lam: it learned the extractor's)."""
+    if args.positions == 'head' or (args.positions == 'auto' and model.cfg.pos_head != 'none'):
+        if model.cfg.pos_head == 'none':
+            raise OARError(f"--positions head: {path} has no position head (fine-tune with --pos-head mlp or query)")
+        return 'head', 0.0, 'positions head'
+    if args.positions == 'layout':
+        orders = model.record.get('orders')
+        if model.record.get('order') != 'extracted' or not orders or not os.path.isfile(orders):
+            raise OARError(f"--positions layout: {path} is not a fine-tuned model whose orders file is at hand")
+        return load_orders(orders, meta)['orders'].long(), 0.0, 'positions layout'
     setting = model.record.get('extractor')
     if setting is None and model.record.get('order') == 'extracted':  # fine-tuned before checkpoints recorded it
         orders = model.record.get('orders')
         setting = read_orders(orders).get('setting') if orders and os.path.isfile(orders) else None
-    if args.positions == 'self' or (args.positions == 'extractor' and not setting):
+    if args.positions == 'self' or (args.positions in ('extractor', 'auto') and not setting):
         return model, args.lam or 0.0, 'positions self' if setting and args.positions == 'self' else ''
-    if args.positions == 'extractor':
+    if args.positions in ('extractor', 'auto'):
         src = setting['ckpt']
         if not os.path.isfile(src):  # the folder was moved: look beside the fine-tuned checkpoint
             src = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(src))
@@ -694,7 +845,8 @@ def position_rule(path, model, args, meta):
 
 def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None, known=None, chooser=None, lam=0.0):
     """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size at a time.
-    OAR positions are picked by `chooser` (default: the model itself) with distance penalty `lam`.
+    OAR positions are picked by `chooser` (default: the model itself; 'head': its position head; a tensor of
+    orders: each sample follows a random one of them) with distance penalty `lam`.
     Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order kind fills the rest."""
     guidance = guidance_scale(model, args)
     rest = torch.arange(model.cfg.n_pos) if known is None else (~known).nonzero()[:, 0]  # the positions to fill
@@ -702,8 +854,12 @@ def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None
     for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
         b = min(args.batch_size, n - i)
         fixed = {'raster': rest.expand(b, -1), 'random': rest[random_orders(b, len(rest), generator)], 'oar': None}[order_kind]
+        if order_kind == 'oar' and isinstance(chooser, torch.Tensor):  # layouts: random training images' orders
+            layout = chooser[torch.randint(len(chooser), (b,), generator=generator)]
+            fixed = layout[(~known if known is not None else torch.ones(model.cfg.n_pos, dtype=torch.bool))[layout]].view(b, -1)
         c, o = generate(model, b, order=fixed, lam=lam, temperature=args.temperature, top_k=args.top_k,
-                        pos_temperature=args.pos_temperature, pos_anneal=args.pos_anneal, chooser=chooser,
+                        pos_temperature=args.pos_temperature, pos_anneal=args.pos_anneal,
+                        chooser=chooser if isinstance(chooser, OAR) else None, head=isinstance(chooser, str),
                         chunk=args.chunk, generator=generator,
                         labels=None if labels is None else labels[i:i + b], guidance=guidance,
                         prompt=None if prompt is None else prompt[i:i + b], known=known)
@@ -1009,6 +1165,31 @@ def kernel_inception_distance(feats, ref, subsets=100, size=1000, seed=0):
     return float(np.mean(mmd)), float(np.std(mmd))
 
 
+def precision_recall(feats, ref, k=3, chunk=1000):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on Inception features, k = 3 as in the ADM
+    evaluation suite: each feature set is a union of balls, one per point, of radius its distance to its k-th
+    nearest neighbour in the same set. Precision: the share of samples inside the real images' balls (are they
+    realistic?); recall: the share of real images inside the samples' balls (is every kind of image produced?).
+    A collapse to one shape keeps precision and loses recall. The radii depend on the set sizes: `image_scores`
+    compares n samples with n real images, and rows of equal n compare."""
+    feats, ref = feats.astype(np.float64), ref.astype(np.float64)
+
+    def sq_dist(a, b):  # (len(a), len(b)) squared distances
+        return np.clip((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0, None)
+
+    def radii(x):  # squared distance of each point to its k-th nearest other point
+        k_ = min(k, len(x) - 1)
+        return np.concatenate([np.partition(sq_dist(x[i:i + chunk], x), k_, axis=1)[:, k_]
+                               for i in range(0, len(x), chunk)])
+
+    if min(len(feats), len(ref)) < 2:
+        raise OARError(f"precision and recall need at least 2 samples on each side, got {len(feats)} and {len(ref)}")
+    r_ref, r_gen = radii(ref), radii(feats)
+    inside_ref = np.concatenate([(sq_dist(feats[i:i + chunk], ref) <= r_ref).any(1) for i in range(0, len(feats), chunk)])
+    inside_gen = np.concatenate([(sq_dist(ref[i:i + chunk], feats) <= r_gen).any(1) for i in range(0, len(ref), chunk)])
+    return float(inside_ref.mean()), float(inside_gen.mean())
+
+
 def reference_stats(args, net, dev):
     """Inception features of the real test images (all of them, or the first --ref-n), computed once and cached in
     OUT as a .npz keyed by data, size and count: dict(feats, mu, sigma, path)."""
@@ -1033,10 +1214,14 @@ def reference_stats(args, net, dev):
 
 
 def image_scores(net, images, ref, dev, desc):
-    """FID and KID (mean, std) of images (n, C, H, W) in [-1, 1] against the reference features."""
+    """FID, KID (mean, std), precision and recall of images (n, C, H, W) in [-1, 1] against the reference."""
     feats = inception_features(net, to_uint8(images), dev, desc=desc)
     kid, kid_std = kernel_inception_distance(feats, ref['feats'])
-    return dict(fid=frechet_distance(*feature_stats(feats), ref['mu'], ref['sigma']), kid=kid, kid_std=kid_std)
+    # precision and recall between sets of one size (the k-NN balls shrink as a set grows): n seeded real images
+    real = ref['feats'][np.random.default_rng(0).choice(len(ref['feats']), min(len(feats), len(ref['feats'])), replace=False)]
+    precision, recall = precision_recall(feats, real)
+    return dict(fid=frechet_distance(*feature_stats(feats), ref['mu'], ref['sigma']), kid=kid, kid_std=kid_std,
+                precision=precision, recall=recall)
 
 
 def sampling_label(order_kind, rule, lam, args, model):
@@ -1059,10 +1244,14 @@ def evaluate(args):
     runs = []
     for spec in args.runs:  # check every run first: an error after an hour of sampling loses that hour
         path, _, order_kind = spec.rpartition(':')
+        positions = args.positions
+        if path.endswith(':oar') and order_kind not in ('raster', 'random', 'oar'):  # CKPT:oar:POSITIONS
+            path, order_kind, positions = path[:-4], 'oar', order_kind
         if order_kind not in ('raster', 'random', 'oar') or not path:
-            raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar")
+            raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar (or CKPT:oar:POSITIONS)")
         model = load_model(path, data['meta'], dev)
-        chooser, lam, rule = position_rule(path, model, args, data['meta']) if order_kind == 'oar' else (None, 0.0, '')
+        chooser, lam, rule = (position_rule(path, model, argparse.Namespace(**{**vars(args), 'positions': positions}),
+                                            data['meta']) if order_kind == 'oar' else (None, 0.0, ''))
         runs.append((path, order_kind, model, chooser, lam, rule))
     t0 = time.time()
     net = load_inception(args.inception, dev)
@@ -1081,7 +1270,7 @@ def evaluate(args):
                          bits=None, seconds=time.time() - t0))
         write_results(args.out, rows[-1:])
     for path, order_kind, model, chooser, lam, rule in runs:
-        kind = model.record['order']
+        kind = 'random' if model.record.get('mix') == 1 else model.record['order']  # finetune --mix 1: random orders
         test_orders = None
         if kind == 'extracted':  # its held-out bits are measured under the orders extracted for the test images
             orders_file = model.record.get('orders')
@@ -1089,15 +1278,19 @@ def evaluate(args):
             test_orders = load_orders(orders_file, data['meta'])['test_orders'].long()
         n_test = len(test_orders) if test_orders is not None else args.eval_n
         test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
-        bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels if model.cfg.n_class else None,
+        test_labels = test_labels if model.cfg.n_class else None
+        bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels,
                             scale=model.record.get('local_scale', 1.0))
+        where, agree = (heldout_positions(model, test, test_orders, test_labels)
+                        if model.cfg.pos_head != 'none' and test_orders is not None else (None, None))
         label = sampling_label(order_kind, rule, lam, args, model)
         for seed in args.seeds:
             t0 = time.time()
             g = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
-            codes, orders = sample_codes(model, args.n, order_kind, args, g, class_labels(model, args.n),
-                                         chooser=chooser, lam=lam)
+            with counting_queries(model, chooser) as queries:
+                codes, orders = sample_codes(model, args.n, order_kind, args, g, class_labels(model, args.n),
+                                             chooser=chooser, lam=lam)
             sample_seconds = time.time() - t0
             images = decode(tok, codes, H, W)
             stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_"
@@ -1106,21 +1299,41 @@ def evaluate(args):
             save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
             rows.append(dict(model=os.path.basename(path), order=label, seed=seed, n=args.n,
                              **image_scores(net, images, ref, dev, 'inception (samples)'), jump=mean_jump(orders, W),
-                             diversity=order_diversity(orders), bits=bits, seconds=time.time() - t0,
-                             sample_seconds=sample_seconds, grid=stem + '.png'))
+                             diversity=order_diversity(orders), bits=bits, order_bits=where, agreement=agree,
+                             images_per_s=args.n / sample_seconds, evals=queries[0] / args.n,
+                             seconds=time.time() - t0, sample_seconds=sample_seconds, grid=stem + '.png'))
             write_results(args.out, rows[-1:])
     print(write_summary(args.out))
     return rows
 
 
-RESULT_COLUMNS = '| model | order | seed | n | FID | KID x 1000 | mean jump | order diversity | held-out bits/token | seconds |'
+@contextlib.contextmanager
+def counting_queries(*models):
+    """Token evaluations: the rows (length-one queries, or positions of a full sequence) that enter the first
+    block of each model given (None and 'head' are skipped). Yields a one-element list holding the count."""
+    count = [0]
+    hooks = [m.blocks[0].register_forward_hook(lambda mod, inp, out: count.__setitem__(0, count[0] + out.shape[:-1].numel()))
+             for m in dict.fromkeys(models) if isinstance(m, OAR)]
+    try:
+        yield count
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+RESULT_COLUMNS = ('| model | order | seed | n | FID | KID x 1000 | precision | recall | mean jump | order diversity | '
+                  'held-out bits/token | + order bits | head agreement | images/s | token evaluations per image | seconds |')
 
 
 def result_line(r):
     fmt = lambda v, f: '-' if v is None else format(v, f)
     kid = '-' if r.get('kid') is None else f"{1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f}"
-    return (f"| {r['model']} | {r['order']} | {r['seed']} | {r['n']} | {r['fid']:.2f} | {kid} | {fmt(r['jump'], '.2f')} | "
-            f"{fmt(r.get('diversity'), '.3f')} | {fmt(r['bits'], '.3f')} | {r['seconds']:.0f} |")
+    both = None if r.get('order_bits') is None else r['bits'] + r['order_bits']
+    return (f"| {r['model']} | {r['order']} | {r['seed']} | {r['n']} | {r['fid']:.2f} | {kid} | "
+            f"{fmt(r.get('precision'), '.3f')} | {fmt(r.get('recall'), '.3f')} | {fmt(r['jump'], '.2f')} | "
+            f"{fmt(r.get('diversity'), '.3f')} | {fmt(r['bits'], '.3f')} | {fmt(both, '.3f')} | "
+            f"{fmt(r.get('agreement'), '.3f')} | {fmt(r.get('images_per_s'), '.0f')} | {fmt(r.get('evals'), '.0f')} | "
+            f"{r['seconds']:.0f} |")
 
 
 def write_results(out, rows):
@@ -1146,15 +1359,20 @@ def write_summary(out):
     groups = {}
     for r in rows:
         groups.setdefault((r['model'], r['order'], r['n']), []).append(r)
-    spread = lambda v, scale=1: (f"{scale * np.mean(v):.2f} ± {scale * np.std(v, ddof=1):.2f}" if len(v) > 1
-                                 else f"{scale * v[0]:.2f}")
-    lines = ['| model | order | seeds | n | FID | KID x 1000 | mean jump | order diversity | held-out bits/token |',
-             '|---|---|---|---|---|---|---|---|---|']
+    spread = lambda v, scale=1, f='.2f': (f"{scale * np.mean(v):{f}} ± {scale * np.std(v, ddof=1):{f}}" if len(v) > 1
+                                          else f"{scale * v[0]:{f}}")
+    lines = ['| model | order | seeds | n | FID | KID x 1000 | precision | recall | mean jump | order diversity | '
+             'held-out bits/token | + order bits | head agreement | images/s | token evaluations per image |',
+             '|---' * 15 + '|']
     for (model, order, n), rs in groups.items():
         opt = lambda k, f: '-' if rs[0].get(k) is None else format(np.mean([r[k] for r in rs]), f)
+        pr = lambda k: spread([r[k] for r in rs], f='.3f') if rs[0].get(k) is not None else '-'
+        both = '-' if rs[0].get('order_bits') is None else f"{rs[0]['bits'] + rs[0]['order_bits']:.3f}"
         lines.append(f"| {model} | {order} | {len(rs)} | {n} | {spread([r['fid'] for r in rs])} | "
                      f"{spread([r['kid'] for r in rs], 1000) if rs[0].get('kid') is not None else '-'} | "
-                     f"{opt('jump', '.2f')} | {opt('diversity', '.3f')} | {opt('bits', '.3f')} |")
+                     f"{pr('precision')} | {pr('recall')} | {opt('jump', '.2f')} | {opt('diversity', '.3f')} | "
+                     f"{opt('bits', '.3f')} | {both} | {opt('agreement', '.3f')} | {opt('images_per_s', '.0f')} | "
+                     f"{opt('evals', '.0f')} |")
     text = ('Mean ± standard deviation over the sampling seeds (one row per model and setting).\n\n'
             + '\n'.join(lines) + '\n')
     with open(os.path.join(out, 'summary.md'), 'w') as f:
@@ -1789,10 +2007,10 @@ def bench_config(c, dev, flops, repeat, compile=False):
     def lever(what, before, after, unit):
         levers.append(dict(what=what, before=before, after=after, unit=unit, speedup=after / before))
 
-    def model_for(cls=OAR):
+    def model_for(cls=OAR, pos_head='none'):
         torch.manual_seed(0)
         return cls(GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
-                             n_head=c['n_head'], n_embd=c['n_embd'])).to(dev)
+                             n_head=c['n_head'], n_embd=c['n_embd'], pos_head=pos_head)).to(dev)
 
     def train_step(cls=OAR, fused=cuda, compiled=False, precision='bf16' if cuda else 'fp32'):
         """The training step `train` runs (by default: fused AdamW and bf16 on CUDA), or a variant of it."""
@@ -1837,14 +2055,26 @@ def bench_config(c, dev, flops, repeat, compile=False):
     if compile:
         lever('train: eager -> torch.compile (--compile)', tps, rate['compiled'], 'tokens/s')
 
+    # sampling by each position rule, timed in turn; token evaluations = queries entering the first block
     model = model_for().eval()
-    row('sample raster', B / timed(lambda: generate(model, B, order=raster_orders(B, N)), dev, repeat), 'images/s')
-    counted = []  # token evaluations: rows of logits the head computes (in sampling, one per candidate)
-    hook = model.head.register_forward_hook(lambda module, x, logits: counted.append(logits.shape[:-1].numel()))
-    row('sample oar', B / timed(lambda: generate(model, B), dev, repeat), 'images/s')
-    hook.remove()
-    need = B * N * (N + 1) // 2  # strictly needed: every free position once per step
-    row('sample oar: token evaluations / strict need', sum(counted) / (repeat + 1) / need, 'ratio')
+    mlp, query = model_for(pos_head='mlp').eval(), model_for(pos_head='query').eval()
+    samplers = {'raster': (lambda: generate(model, B, order=raster_orders(B, N)), [model]),
+                "oar, own confidence (the paper's rule)": (lambda: generate(model, B), [model]),
+                "oar, the extractor's rule (two models)": (lambda: generate(mlp, B, chooser=model), [mlp, model]),
+                'oar, position head mlp': (lambda: generate(mlp, B, head=True), [mlp]),
+                'oar, position head query': (lambda: generate(query, B, head=True), [query])}
+    evals = {}
+    for name, (fn, models) in samplers.items():
+        with counting_queries(*models) as count:
+            fn()
+        evals[name] = count[0] / B
+    speed = {name: B / t for name, t in race({k: fn for k, (fn, _) in samplers.items()}, dev, repeat).items()}
+    for name in samplers:
+        row(f"sample {name} ({evals[name]:.0f} token evaluations per image; {speed[name] / speed['raster']:.2f}x "
+            f"raster's images/s)", speed[name], 'images/s', evals=evals[name])
+    need = N * (N + 1) // 2  # strictly needed by the paper's rule: every free position once per step
+    row("sample oar, own confidence: token evaluations / strict need",
+        evals["oar, own confidence (the paper's rule)"] / need, 'ratio')
 
     def extract_rate(n, **kw):
         """Images/s of teacher-forced extraction of the first n images (one timed run for the slow variants)."""
@@ -1951,8 +2181,24 @@ def build_parser():
     s.add_argument('--next-pos', default='relative', choices=['relative', 'absolute'], help='next-position embedding')
     s.set_defaults(func=train)
 
+    def finetune_flags(s):  # finetune and distill
+        trainer_flags(s, steps=1000, lr=5e-4, min_lr=5e-5, warmup=50)
+        s.add_argument('--pos-head', default='mlp', choices=['none', 'mlp', 'query'],
+                       help="ours: a position head learns where the extracted orders go next, so that the model "
+                            "samples alone, one token query per step (--positions head). mlp: an MLP on the last "
+                            "hidden state, the token just placed and its position; query: a second length-one "
+                            "where-next query per step; none: the paper's model")
+        s.add_argument('--pos-hidden', type=POS, default=128, help="width of the mlp position head's hidden layer")
+        s.add_argument('--pos-weight', type=NONNEG, default=0.1,
+                       help='weight of the position cross-entropy in the loss (small: the head barely pulls the transformer)')
+        s.add_argument('--pos-lr-scale', type=ranged(float, 0, above=True), default=10.0,
+                       help="the position head's learning rate, in multiples of --lr (it starts from scratch)")
+        s.add_argument('--mix', type=ranged(float, 0, 1), default=0.0,
+                       help='ours: share of each batch trained on fresh random orders instead of extracted ones '
+                            '(keeps the model any-order; 0: the paper\'s fine-tuning; 1: random orders only)')
+
     s = sub.add_parser('finetune', parents=[data], formatter_class=fmt, help='fine-tune on extracted orders')
-    trainer_flags(s, steps=1000, lr=5e-4, min_lr=5e-5, warmup=50)
+    finetune_flags(s)
     s.add_argument('--init', default=None, help='any-order checkpoint to start from (default: OUT/any.pt)')
     s.add_argument('--orders', default=None, help='extracted orders (default: OUT/orders.pt)')
     s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/oar.pt)')
@@ -1977,10 +2223,13 @@ def build_parser():
     def sampling_flags(s):  # sample and eval draw images the same way
         s.add_argument('--temperature', type=NONNEG, default=1.0, help='token sampling temperature (0: greedy)')
         s.add_argument('--top-k', type=COUNT, default=0, help='sample among the k most likely tokens (0: all)')
-        s.add_argument('--positions', default='extractor', metavar='extractor|self|CKPT',
-                       help="oar: whose confidence picks the next position. extractor: a fine-tuned model follows the "
-                            "rule its training orders were extracted with (that checkpoint's confidence and --lam); "
-                            "self: the model's own confidence; or a checkpoint path")
+        s.add_argument('--positions', default='auto', metavar='auto|head|layout|extractor|self|CKPT',
+                       help="oar: who picks the next position. head (ours): the model's own position head, one model "
+                            "and one token query per step; layout (ours): the extracted order of a random training "
+                            "image, fixed in advance; extractor (ours): a fine-tuned model follows the rule its "
+                            "training orders were extracted with (that checkpoint's confidence and --lam: two models); "
+                            "self (the paper's): the model's own confidence over every free position; or a "
+                            "checkpoint path. auto: head where the model has one, else extractor")
         s.add_argument('--lam', type=NONNEG, default=None,
                        help="oar: penalty per unit of jump when choosing the next position (default: the extractor's "
                             "--lam with --positions extractor on a fine-tuned model, else 0)")
@@ -2003,7 +2252,9 @@ def build_parser():
     s.set_defaults(func=sample)
 
     s = sub.add_parser('eval', parents=[data], formatter_class=fmt, help='FID, mean jump and bits/token of checkpoints')
-    s.add_argument('runs', nargs='*', metavar='CKPT:ORDER', help='e.g. out/raster.pt:raster out/any.pt:oar (ORDER: raster, random, oar)')
+    s.add_argument('runs', nargs='*', metavar='CKPT:ORDER',
+                   help='e.g. out/raster.pt:raster out/any.pt:oar (ORDER: raster, random, oar); CKPT:oar:POSITIONS '
+                        'picks the positions as --positions POSITIONS does, e.g. out/oar.pt:oar:self')
     s.add_argument('--n', type=ranged(int, 2), default=2000,
                    help='generated images per run and seed (FID is biased upward below about 2048: compare equal n)')
     s.add_argument('--seeds', type=int, nargs='+', default=[0], help='sampling seeds: one row each')
@@ -2037,7 +2288,7 @@ def build_parser():
 
     s = sub.add_parser('distill', parents=[data], formatter_class=fmt,
                        help='iterated distillation: R rounds of extract, then fine-tune')
-    trainer_flags(s, steps=1000, lr=5e-4, min_lr=5e-5, warmup=50)
+    finetune_flags(s)
     s.add_argument('--rounds', type=POS, default=2, help='rounds of extract + fine-tune')
     s.add_argument('--init', default=None, help='any-order checkpoint of round 1 (default: OUT/any.pt)')
     s.add_argument('--n', '--count', type=COUNT, default=0, help='extract for the first N training images (0: all)')

@@ -563,6 +563,153 @@ def test_position_noise_zero_is_argmax_and_noise_varies_the_orders():
         assert is_permutation(runs[name]) and oar.order_diversity(runs[name]) > 0.05, name
 
 
+def tiny_head_model(pos_head, H=3, W=3, V=11, seed=0, n_class=0):
+    torch.manual_seed(seed)
+    return oar.OAR(oar.GPTConfig(vocab_size=V, grid_h=H, grid_w=W, n_layer=2, n_head=2, n_embd=32,
+                                 pos_head=pos_head, pos_hidden=32, n_class=n_class)).eval()
+
+
+@pytest.mark.parametrize('pos_head', ['mlp', 'query'])
+def test_position_head_gives_used_positions_zero_probability(pos_head):
+    """The head's distribution at step t covers the free positions only; sampled orders are permutations; and
+    the head's training forward equals, step by step, what sampling computes on the KV cache."""
+    model = tiny_head_model(pos_head, H=3, W=4)
+    codes, order = torch.randint(0, 11, (5, 12)), oar.random_orders(5, 12, torch.Generator().manual_seed(1))
+    logits, pos = model(codes, order, positions=True)
+    diff = (logits - model(codes, order)).abs().max().item()  # 'query' adds queries no input attends to
+    assert diff < 1e-5, f"the position head changed the token logits by {diff:.2e}"
+    p = pos.softmax(-1)
+    onehot = F.one_hot(order, 12)
+    used = (onehot.cumsum(1) - onehot).bool()
+    assert p[used].max() == 0 and torch.allclose(p.sum(-1), torch.ones(5, 12))
+    cache, prev, cur, hidden = oar.KVCache(model.cfg, 5, 'cpu', torch.float32), torch.full((5,), -1), torch.full((5,), 12), None
+    for t in range(12):
+        step = model.position_logits(prev, cur, hidden, cache).masked_fill(used[:, t], float('-inf'))
+        diff = (step.softmax(-1) - p[:, t]).abs().max().item()
+        assert diff < 1e-5, f"step {t}: sampling's position distribution differs from training's by {diff:.2e}"
+        hidden = model.burst_features(prev, cur, order[:, t:t + 1], cache)[:, 0]
+        cache.commit(torch.zeros(5, dtype=torch.long))
+        prev, cur = codes.gather(1, order[:, t:t + 1])[:, 0], order[:, t]
+    for kw in ({}, dict(pos_temperature=1.0), dict(prompt=codes[:, :12], known=~oar.mask_grid('bottom', 3, 4))):
+        _, sampled = oar.generate(model, 5, head=True, generator=torch.Generator().manual_seed(0), **kw)
+        assert is_permutation(sampled), kw
+
+
+@pytest.mark.parametrize('pos_head', ['mlp', 'query'])
+def test_head_trained_on_one_fixed_order_reproduces_it(pos_head):
+    """A head trained on a tiny model to follow one fixed order on every image (a snake: rows left to right,
+    then right to left) samples exactly that order."""
+    snake = torch.tensor([0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11])
+    model = tiny_head_model(pos_head, H=3, W=4).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        codes = torch.randint(0, 11, (32, 12), generator=g)
+        loss = oar.order_loss(model, codes, snake.expand(32, -1), pos_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    _, order = oar.generate(model, 16, head=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(order, snake.expand(16, -1)), f"{int((order != snake).any(1).sum())} of 16 orders differ"
+
+
+@pytest.mark.parametrize('pos_head, per_image', [('none', 12), ('mlp', 12), ('query', 24)])
+def test_head_sampling_costs_n_token_evaluations(pos_head, per_image):
+    """Counted by a forward hook: sampling with a position head runs N token queries per image ('query': and N
+    where-next queries), one model; raster sampling N; the paper's rule N(N+1)/2; the extractor's rule
+    N(N+3)/2 over two models."""
+    model, extractor = tiny_head_model(pos_head, H=3, W=4), tiny_model(H=3, W=4)
+    with oar.counting_queries(model) as count:
+        if pos_head == 'none':
+            oar.generate(model, 3, order=oar.raster_orders(3, 12))
+        else:
+            oar.generate(model, 3, head=True)
+    assert count[0] == 3 * per_image
+    with oar.counting_queries(model, extractor) as count:
+        oar.generate(model, 3, chooser=extractor)
+    assert count[0] == 3 * 12 * 15 // 2
+    with oar.counting_queries(extractor) as count:
+        oar.generate(extractor, 3)
+    assert count[0] == 3 * 12 * 13 // 2
+
+
+def test_mix_zero_without_head_is_the_plain_fine_tuning(tiny_run, tmp_path):
+    """finetune --mix 0 --pos-head none is the paper's fine-tuning bit for bit: the same weights as a loop written
+    here from its parts (AdamW, the schedule, the seeded batches of extracted orders, order_loss). A mix draws
+    random orders for some images, so its weights differ."""
+    out = copy_run(tiny_run, tmp_path)
+    oar.main(['extract', '--out', out, '--n', '32', '--batch-size', '16', '--eval-n', '16'])
+    ft = ['finetune', '--out', out, '--steps', '6', '--batch-size', '8', '--eval-n', '16', '--warmup', '2',
+          '--pos-head', 'none']
+    oar.main(ft + ['--mix', '0'])
+    oar.main(ft + ['--mix', '0.5', '--ckpt', f'{out}/mixed.pt'])
+    args = oar.build_parser().parse_args(ft)
+    data = oar.load_tokens(args, build=False)
+    init = torch.load(f'{out}/any.pt', weights_only=True)
+    orders = torch.load(f'{out}/orders.pt', weights_only=True)['orders'].long()
+    codes = data['train'].flatten(1)[:len(orders)]
+    torch.manual_seed(args.seed)
+    model = oar.OAR(oar.GPTConfig(**init['config']))
+    model.load_state_dict(init['model'])
+    opt = torch.optim.AdamW([dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=0.1),
+                             dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)],
+                            lr=args.lr, betas=(0.9, 0.95))
+    for step in range(6):
+        for group in opt.param_groups:
+            group['lr'] = oar.lr_at(step, args)
+        model.train()
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(len(codes), (8,), generator=g)
+        loss = oar.order_loss(model, codes[idx], orders[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    tuned = torch.load(f'{out}/oar.pt', weights_only=True)['model']
+    mixed = torch.load(f'{out}/mixed.pt', weights_only=True)['model']
+    diff = max((tuned[k] - v).abs().max().item() for k, v in model.state_dict().items())
+    assert diff == 0, f"mix 0 differs from the plain fine-tuning by {diff:.2e}"
+    assert any(not torch.equal(mixed[k], tuned[k]) for k in tuned)
+
+
+def test_fine_tuned_head_is_the_default_sampler_and_reports_its_order_bits(tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    oar.main(['extract', '--out', out, '--n', '16', '--batch-size', '16', '--eval-n', '16'])
+    capsys.readouterr()
+    oar.main(['finetune', '--out', out, '--steps', '3', '--batch-size', '8', '--eval-n', '16', '--warmup', '1',
+              '--pos-head', 'query', '--mix', '0.25'])
+    printed = capsys.readouterr().out
+    assert 'position head (query) on the extracted orders' in printed and 'image and order' in printed
+    ckpt = torch.load(f'{out}/oar.pt', weights_only=True)
+    assert ckpt['config']['pos_head'] == 'query' and ckpt['mix'] == 0.25
+    sample = ['sample', '--out', out, '--ckpt', f'{out}/oar.pt', '--n', '4', '--png', str(tmp_path / 's.png')]
+    _, orders = oar.main(sample)
+    assert "picked by the model's position head" in capsys.readouterr().out and is_permutation(orders)
+    oar.main(sample + ['--positions', 'extractor'])
+    assert 'picked by any.pt, lam 0.1' in capsys.readouterr().out
+    _, layouts = oar.main(sample + ['--positions', 'layout'])  # each sample: a training image's extracted order
+    extracted = {tuple(o) for o in torch.load(f'{out}/orders.pt', weights_only=True)['orders'].tolist()}
+    assert all(tuple(o) in extracted for o in layouts.tolist())
+    err = run_error(['sample', '--out', out, '--ckpt', f'{out}/any.pt', '--positions', 'layout', '--n', '2'], capsys)
+    assert 'not a fine-tuned model' in err
+    err = run_error(['sample', '--out', out, '--ckpt', f'{out}/any.pt', '--positions', 'head', '--n', '2'], capsys)
+    assert 'has no position head' in err and err.count('\n') == 1
+    err = run_error(['finetune', '--out', out, '--mix', '1.5'], capsys)
+    assert '--mix' in err and 'out of range' in err
+
+
+def test_precision_and_recall_of_a_set_against_itself_and_a_far_cluster():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(200, 16))
+    assert oar.precision_recall(feats, feats) == (1.0, 1.0)
+    assert oar.precision_recall(feats + 100, feats) == (0.0, 0.0)
+    # samples that are real images of one region only (a collapse): precision stays 1, recall drops
+    flat = rng.normal(size=(400, 2))
+    precision, recall = oar.precision_recall(flat[flat[:, 0] > 0.5], flat)
+    assert precision == 1.0 and recall < 0.5, (precision, recall)
+
+
 def test_order_diversity_of_equal_and_random_orders():
     g = torch.Generator().manual_seed(0)
     assert oar.order_diversity(oar.raster_orders(50, 49)) == 0
@@ -591,7 +738,8 @@ def test_orders_of_another_score_or_extractor_are_refused(tiny_run, tmp_path, ca
     assert torch.load(f'{out}/orders.pt', weights_only=True)['setting']['score'] == 'confidence'  # the default
     err = run_error(extract + ['--score', 'likelihood'], capsys)
     assert 'with --score confidence' in err and 'another --orders' in err and err.count('\n') == 1
-    finetune = ['finetune', '--out', out, '--steps', '2', '--batch-size', '8', '--eval-n', '16', '--warmup', '1']
+    finetune = ['finetune', '--out', out, '--steps', '2', '--batch-size', '8', '--eval-n', '16', '--warmup', '1',
+                '--pos-head', 'none']  # the any-order model's config, so that `train --resume` reaches the order check
     oar.main(finetune)
     tuned = torch.load(f'{out}/oar.pt', weights_only=True)
     assert tuned['extractor']['score'] == 'confidence' and tuned['extractor']['ckpt'].endswith('any.pt')
@@ -605,7 +753,8 @@ def test_orders_of_another_score_or_extractor_are_refused(tiny_run, tmp_path, ca
 def test_fine_tuned_model_samples_along_its_extractor(tiny_run, tmp_path, capsys):
     out = copy_run(tiny_run, tmp_path)
     oar.main(['extract', '--out', out, '--n', '16', '--batch-size', '16', '--eval-n', '16', '--lam', '0.2'])
-    oar.main(['finetune', '--out', out, '--steps', '2', '--batch-size', '8', '--eval-n', '16', '--warmup', '1'])
+    oar.main(['finetune', '--out', out, '--steps', '2', '--batch-size', '8', '--eval-n', '16', '--warmup', '1',
+              '--pos-head', 'none'])  # without a head, --positions auto is the extractor's rule
     capsys.readouterr()
     sample = ['sample', '--out', out, '--ckpt', f'{out}/oar.pt', '--n', '6', '--png', str(tmp_path / 's.png')]
     codes, orders = oar.main(sample)
@@ -944,25 +1093,31 @@ def test_quick_pipeline_fills_every_row(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line.split('|')[1:-1] for line in (out / 'results.md').read_text().splitlines()
             if line.startswith('| ') and not line.startswith('| model') and not line.startswith('| step')]
-    table = [[c.strip() for c in r] for r in rows if len(r) == 10]
+    table = [[c.strip() for c in r] for r in rows if len(r) == 16]
     runs = {(r[0], r[1]) for r in table}
+    core = {('raster.pt', 'raster'), ('any_ft.pt', 'random'), ('oar_paper.pt', 'oar positions self'),
+            ('oar_paper.pt', 'oar positions any.pt lam 0.1'), ('oar.pt', 'oar positions head'),
+            ('oar_mix.pt', 'oar positions self')}
     v2 = {('any_cond.pt', f'{o} cfg {s}') for o in ('random', 'oar') for s in (1, 2)}
-    v2 |= {('local.pt', 'random'), ('local.pt', 'oar'), ('oar_r2.pt', 'oar positions oar.pt lam 0.1')}
+    v2 |= {('local.pt', 'random'), ('local.pt', 'oar'), ('oar_r2.pt', 'oar positions head')}
     inpainted = {('any.pt', f'inpaint centre {o}') for o in ('raster', 'random', 'oar')}
-    assert runs == {('raster.pt', 'raster'), ('any.pt', 'random'), ('oar.pt', 'oar positions any.pt lam 0.1')} \
-        | v2 | inpainted, runs
+    assert runs == core | v2 | inpainted, runs
     for r in table:
         float(r[4])  # FID is a number in every row
         float(r[5].split(' ± ')[0]), float(r[5].split(' ± ')[1])  # and KID, with its spread over subsets
-        float(r[6]), float(r[7])  # and the mean jump and the order diversity
+        assert 0 <= float(r[6]) <= 1 and 0 <= float(r[7]) <= 1  # precision and recall
+        float(r[8]), float(r[9])  # and the mean jump and the order diversity
         if 'inpaint' not in r[1]:
-            float(r[8])  # and the bits per token of a model
-    assert len(table) == 2 * 3 + 2 * len(v2) + len(inpainted)  # QUICK: 2 seeds per sampled run, one for inpainting
+            float(r[10]), float(r[13]), float(r[14])  # the bits per token of a model, images/s, evaluations
+        if 'head' in r[1]:
+            float(r[11]), float(r[12])  # image-and-order bits and the head's agreement with the extractor
+            assert float(r[14]) == 49  # one token query per step on 7 x 7 codes
+    assert len(table) == 2 * len(core) + 2 * len(v2) + len(inpainted)  # QUICK: 2 seeds per run, 1 for inpainting
     summary = (out / 'summary.md').read_text()
-    assert '| oar.pt | oar positions any.pt lam 0.1 | 2 |' in summary and ' ± ' in summary
+    assert '| oar.pt | oar positions head | 2 |' in summary and ' ± ' in summary
     steps = [line for line in (out / 'results.md').read_text().splitlines() if line.startswith('| ') and len(line.split('|')) == 4]
-    assert len(steps) >= 15  # a wall time for every step
-    assert (out / 'samples_oar_oar.gif').exists() and (out / 'eval_oar_oar_positions_any.pt_lam_0.1_seed0_orders.png').exists()
+    assert len(steps) >= 17  # a wall time for every step
+    assert (out / 'samples_oar_oar_head.gif').exists() and (out / 'eval_oar_oar_positions_head_seed0_orders.png').exists()
     assert (out / 'inpaint_any_centre.png').exists() and (out / 'samples_any_cond_oar_classes_cfg2.png').exists()
 
 
@@ -1027,11 +1182,15 @@ def test_bench_rows_and_levers():
     c = dict(grid=3, vocab=11, n_layer=2, n_head=2, n_embd=32, batch=8)
     rows, levers = oar.bench_config(c, torch.device('cpu'), flops=1e9, repeat=1)
     value = {r['what'].split(' (')[0].split(';')[0]: r['value'] for r in rows}
-    assert set(value) == {'train, dual encoding', 'sample raster', 'sample oar',
-                          'sample oar: token evaluations / strict need', 'extract, burst scoring',
-                          'extract, naive recompute', 'extract burst / naive'}
+    assert set(value) == {'train, dual encoding', 'sample raster', 'sample oar, own confidence',
+                          "sample oar, the extractor's rule", 'sample oar, position head mlp',
+                          'sample oar, position head query', 'sample oar, own confidence: token evaluations / strict need',
+                          'extract, burst scoring', 'extract, naive recompute', 'extract burst / naive'}
     assert all(v > 0 and math.isfinite(v) for v in value.values())
-    assert value['sample oar: token evaluations / strict need'] == 1.0
+    assert value['sample oar, own confidence: token evaluations / strict need'] == 1.0
+    evals = {r['what'].split(' (')[0]: r['evals'] for r in rows if 'evals' in r}  # N = 9 positions
+    assert evals == {'sample raster': 9, 'sample oar, own confidence': 45, "sample oar, the extractor's rule": 54,
+                     'sample oar, position head mlp': 9, 'sample oar, position head query': 18}
     assert math.isclose(value['extract burst / naive'],
                         value['extract, burst scoring'] / value['extract, naive recompute'])
     assert rows[0]['params'] == sum(p.numel() for p in tiny_model().parameters())
@@ -1059,7 +1218,7 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     with open(path) as f:
         (result,) = json.load(f)
     assert result['config'] == 'default' and result['batch'] == 2 and result['grid'] == 7
-    assert len(result['rows']) == 7 and len(result['levers']) == 5 and result['matmul_flops'] > 0
+    assert len(result['rows']) == 10 and len(result['levers']) == 5 and result['matmul_flops'] > 0
     printed = capsys.readouterr().out
     assert all(r['what'] in printed for r in result['rows'] + result['levers'])
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The paper's comparison on Fashion-MNIST, end to end: tokenize, train the raster baseline and the any-order
-# model, extract an order per training image, fine-tune on those orders, draw pictures, and measure FID, KID,
-# mean jump, order diversity and held-out bits per token. Writes OUT/results.md (the table and the wall time of
-# every step), OUT/summary.md, sample grids, order maps and GIFs. Re-running resumes: finished checkpoints and
-# orders are kept.
+# model, extract an order per training image, fine-tune on those orders (the paper's way; ours, with a position
+# head; the paper's with a share of random orders; and on random orders only, the any-order baseline at the same
+# budget), draw
+# pictures, and measure FID, KID, precision, recall, mean jump, order diversity, held-out bits per token and
+# sampling speed for each position rule. Writes OUT/results.md (the table and the wall time of every step),
+# OUT/summary.md, sample grids, order maps and GIFs. Re-running resumes: finished checkpoints and orders are kept.
 #
 #   bash train.sh                # the comparison (about 30 minutes on 2 CPU cores) -> out/results.md
 #   PART=all bash train.sh       # then the v2 steps: classes with guidance, local orders, a second round, inpainting
@@ -13,7 +15,8 @@
 #
 # Sizes, from the environment: STEPS (any-order training steps), FT_STEPS (fine-tuning steps; the raster model
 # trains STEPS + FT_STEPS, the same budget), N_EXTRACT (training images whose order is extracted), N_FID (samples
-# per row and seed), REF_N (real test images behind FID and KID; 0 = all 10,000), SEEDS (sampling seeds), MODEL
+# per row and seed), REF_N (real test images behind FID and KID; 0 = all 10,000), SEEDS (sampling seeds), MIX (the
+# share of random orders in the mixed fine-tuning), MODEL
 # (the model's train flags, e.g. MODEL="--n-layer 6 --n-head 6 --n-embd 192"; default 4 x 128, 0.89M parameters).
 # A budget of docs/orders.md, section 5: STEPS=9000 FT_STEPS=3000 N_FID=1000 REF_N=0 SEEDS=0 OUT=out_long bash train.sh
 set -euo pipefail
@@ -24,11 +27,11 @@ export PYTHONWARNINGS=ignore
 if [ "${QUICK:-0}" = 1 ]; then
   OUT=${OUT:-out_quick}; PART=${PART:-all}
   : "${MODEL:=--n-layer 1 --n-head 2 --n-embd 32}"; FIT=(--fit-images 5000)
-  : "${STEPS:=60}" "${FT_STEPS:=30}" "${N_EXTRACT:=256}" "${N_FID:=16}" "${REF_N:=64}" "${SEEDS:=0 1}" "${EVAL_N:=256}"
+  : "${STEPS:=60}" "${FT_STEPS:=30}" "${N_EXTRACT:=256}" "${N_FID:=16}" "${REF_N:=64}" "${SEEDS:=0 1}" "${EVAL_N:=256}" "${MIX:=0.25}"
 else
   OUT=${OUT:-out}; PART=${PART:-core}
   : "${MODEL:=}"; FIT=()
-  : "${STEPS:=2000}" "${FT_STEPS:=700}" "${N_EXTRACT:=5000}" "${N_FID:=300}" "${REF_N:=2000}" "${SEEDS:=0 1 2}" "${EVAL_N:=1000}"
+  : "${STEPS:=2000}" "${FT_STEPS:=700}" "${N_EXTRACT:=5000}" "${N_FID:=300}" "${REF_N:=2000}" "${SEEDS:=0 1 2}" "${EVAL_N:=1000}" "${MIX:=0.25}"
 fi
 read -r -a SEEDS <<< "$SEEDS"
 read -r -a MODEL <<< "$MODEL"
@@ -51,15 +54,24 @@ if [ ! -f "$OUT/tokens.pt" ]; then step tokenize $PY oar.py tokenize --out "$OUT
 step "train raster" $PY oar.py train --out "$OUT" --order raster --steps $((STEPS + FT_STEPS)) "${MODEL[@]}" --eval-n $EVAL_N --resume
 step "train any-order" $PY oar.py train --out "$OUT" --order any --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
 step extract $PY oar.py extract --out "$OUT" --n $N_EXTRACT --eval-n $EVAL_N
-step finetune $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --resume
-step "sample (pictures)" bash -c "for run in raster:raster any:random any:oar oar:oar; do
-    $PY oar.py sample --out '$OUT' --ckpt '$OUT'/\${run%%:*}.pt --order \${run##*:} --n 64 || exit 1; done"
+# four fine-tunings of any.pt, FT_STEPS each, on the same extracted orders: the paper's (no position head); ours,
+# with a position head (the finetune defaults: oar.pt, sampled by its head, one model); the paper's with a share
+# MIX of random orders (ours: does it rescue the paper's own rule?); and random orders only, so that the
+# any-order baseline gets the fine-tuned models' budget, STEPS + FT_STEPS, from the same start and schedule
+step "finetune (the paper's)" $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --pos-head none --ckpt "$OUT/oar_paper.pt" --resume
+step "finetune (position head)" $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --resume
+step "finetune (mix $MIX)" $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --pos-head none --mix $MIX --ckpt "$OUT/oar_mix.pt" --resume
+step "finetune (random orders)" $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --pos-head none --mix 1 --ckpt "$OUT/any_ft.pt" --resume
+step "sample (pictures)" bash -c "for run in raster:raster:auto any_ft:random:auto oar:oar:head oar_paper:oar:self oar_paper:oar:extractor; do
+    IFS=: read -r ckpt order positions <<< \$run
+    $PY oar.py sample --out '$OUT' --ckpt '$OUT'/\$ckpt.pt --order \$order --positions \$positions --n 64 || exit 1; done"
 rm -f "$OUT/results.md" "$OUT/results.json" "$OUT/summary.md"
-# oar.pt:oar samples along its extractor's rule (any.pt's confidence, extraction's --lam): the default
-# (the any-order model with OAR sampling and the tokenizer's reconstructions, rows of docs/orders.md, are left out
-# of the 30 minutes: add "$OUT/any.pt:oar" or --recon here to measure them too)
-step "eval (FID, KID)" $PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --eval-n $EVAL_N "${REF[@]}" \
-  "$OUT/raster.pt:raster" "$OUT/any.pt:random" "$OUT/oar.pt:oar"
+# CKPT:oar:POSITIONS: who picks the positions. self: the model's own confidence (the paper's rule); extractor:
+# any.pt's confidence with extraction's --lam, the fine-tuned model draws the tokens (ours, two models); head: the
+# model's position head (ours, one model). (The tokenizer's reconstructions, the floor, are left out: add --recon.)
+step "eval (FID, KID, precision, recall)" $PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --eval-n $EVAL_N "${REF[@]}" \
+  "$OUT/raster.pt:raster" "$OUT/any_ft.pt:random" "$OUT/oar_paper.pt:oar:self" "$OUT/oar_mix.pt:oar:self" \
+  "$OUT/oar_paper.pt:oar:extractor" "$OUT/oar.pt:oar:head"
 fi
 
 if [ "$PART" != core ]; then
