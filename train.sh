@@ -7,7 +7,7 @@
 # sampling speed for each position rule. Writes OUT/results.md (the table and the wall time of every step),
 # OUT/summary.md, sample grids, order maps and GIFs. Re-running resumes: finished checkpoints and orders are kept.
 #
-#   bash train.sh                # the comparison (about 30 minutes on 2 CPU cores) -> out/results.md
+#   bash train.sh                # the comparison (about 37 minutes on 2 CPU cores) -> out/results.md
 #   PART=all bash train.sh       # then the v2 steps: classes with guidance, local orders, a second round, inpainting
 #   PART=v2 bash train.sh        # only the v2 steps, on a finished comparison in OUT
 #   QUICK=1 bash train.sh        # every step (PART=all) at tiny sizes, in about a minute: the tests run this
