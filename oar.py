@@ -20,16 +20,24 @@ then the plumbing (data, the token cache, checkpoints, devices, processes), the 
 """
 import argparse
 import contextlib
+import errno
 import glob
 import gzip
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import signal
+import socket
 import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
+
+if __name__ == '__main__':  # Ctrl-C while torch loads (the first second): one line, not a traceback from an import
+    signal.signal(signal.SIGINT, lambda *_: (print("interrupted before any work started: nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -482,7 +490,8 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
         if rank == 0:  # one writer: every process holds the same weights
             save_checkpoint(args.ckpt, model, loss, optim=opt.state_dict(), config=asdict(cfg), step=step,
                             order=args.order, local_scale=scale, tokens=tokens_id(data['meta']),
-                            orders=getattr(args, 'orders', None), extractor=extractor,  # fine-tuned: its orders
+                            orders=relative_to(args.orders, args.ckpt) if orders is not None else None,
+                            extractor=extractor,  # fine-tuned: its orders, by a path that survives a moved folder
                             mix=mix, pos_weight=pos_weight)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
@@ -550,6 +559,12 @@ def finetune(args):
     data, procs = training_data(args)
     of = load_orders(args.orders, data['meta'])
     init = load_checkpoint(args.init, data['meta'])
+    if init.get('order') == 'raster':
+        raise OARError(f"--init {args.init} was trained on raster orders only: fine-tune the any-order model that "
+                       f"extracted the orders")
+    if of['setting'].get('weights') not in (None, weights_id(init['model'])):
+        raise OARError(f"--init {args.init} is not the model that extracted {args.orders} (they were "
+                       f"{describe_extraction(of['setting'])}): pass that model as --init, or extract with this one")
     passes = args.steps * args.batch_size / len(of['orders'])  # over about 15 passes overfit here: docs/orders.md, 5
     if procs[0] == 0:
         print(f"{args.steps} steps of {args.batch_size} images: {passes:.1f} passes over {len(of['orders'])} extracted "
@@ -695,11 +710,14 @@ def extract(args):
     rank, world, dev = dist_setup(args.device)
     data = load_tokens(args, build=False)
     model = load_model(args.ckpt, data['meta'], dev)
+    if model.record.get('order') == 'raster':
+        raise OARError(f"{args.ckpt} was trained on raster orders only: extract with an any-order model (train --order any)")
     codes = data['train'].flatten(1)
     labels, test_labels = ((data['train_labels'].long(), data['test_labels'].long()[:args.eval_n]) if model.cfg.n_class
                            else (None, None))  # a class-conditional model explains each image given its class
     n = min(args.n or len(codes), len(codes))
-    setting = dict(ckpt=os.path.abspath(args.ckpt), lam=args.lam, score=args.score, n=n)
+    setting = dict(ckpt=relative_to(args.ckpt, args.orders), weights=weights_id(model.state_dict()), lam=args.lam,
+                   score=args.score, n=n)  # the extractor recorded by content and by a path that survives a move
     of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
               setting=setting, tokens=tokens_id(data['meta']))
     merge_orders(of, [args.orders] + sorted(glob.glob(args.orders + '.shard*')))
@@ -769,6 +787,7 @@ def sample(args):
     torch.manual_seed(args.seed)
     labels = class_labels(model, args.n, args.label)
     chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta']) if args.order == 'oar' else (None, 0.0, '')
+    check_sampling(args, [(args.ckpt, model, args.order, rule)])
     if args.order == 'oar':
         who = ('the model itself' if chooser is model else "the model's position head" if rule == 'positions head'
                else 'the extracted order of a random training image' if rule == 'positions layout'
@@ -778,11 +797,9 @@ def sample(args):
     codes, orders = sample_codes(model, args.n, args.order, args, g, labels, chooser=chooser, lam=lam)
     dt = time.time() - t0
     images = decode(tok, codes, H, W)
-    name = [os.path.splitext(os.path.basename(args.ckpt))[0], args.order]
-    name += [rule.split()[1]] if rule in ('positions self', 'positions head', 'positions layout') else []
-    name += [f'posT{args.pos_temperature:g}' + ('anneal' if args.pos_anneal else '')] if args.pos_temperature else []
-    name += [] if labels is None else [f'class{args.label}' if args.label is not None else 'classes', f'cfg{args.guidance:g}']
-    stem = args.png or os.path.join(args.out, 'samples_' + '_'.join(name))
+    name = [os.path.splitext(os.path.basename(args.ckpt))[0], sampling_label(args.order, rule, lam, args, model)]
+    name += [] if labels is None else [f'class{args.label}' if args.label is not None else 'classes']
+    stem = args.png or os.path.join(args.out, 'samples_' + '_'.join(name).replace(' ', '_'))
     stem = stem[:-4] if stem.endswith('.png') else stem
     all_classes = labels is not None and args.label is None  # one column per class
     save_grid(images[:(64 // model.cfg.n_class) * model.cfg.n_class if all_classes else 64], stem + '.png',
@@ -813,20 +830,17 @@ def position_rule(path, model, args, meta):
         if model.cfg.pos_head == 'none':
             raise OARError(f"--positions head: {path} has no position head (fine-tune with --pos-head mlp or query)")
         return 'head', 0.0, 'positions head'
+    orders = recorded_path(model.record.get('orders'), path)  # a fine-tuned model's orders file
     if args.positions == 'layout':
-        orders = model.record.get('orders')
         if model.record.get('order') != 'extracted' or not orders or not os.path.isfile(orders):
             raise OARError(f"--positions layout: {path} is not a fine-tuned model whose orders file is at hand")
         return load_orders(orders, meta)['orders'].long(), 0.0, 'positions layout'
     setting = model.record.get('extractor')
-    if setting is None and model.record.get('order') == 'extracted':  # fine-tuned before checkpoints recorded it
-        orders = model.record.get('orders')
-        setting = read_orders(orders).get('setting') if orders and os.path.isfile(orders) else None
     if args.positions == 'self' or (args.positions in ('extractor', 'auto') and not setting):
         return model, args.lam or 0.0, 'positions self' if setting and args.positions == 'self' else ''
     if args.positions in ('extractor', 'auto'):
-        src = setting['ckpt']
-        if not os.path.isfile(src):  # the folder was moved: look beside the fine-tuned checkpoint
+        src = recorded_path(setting['ckpt'], orders or path)  # recorded relative to the orders file
+        if not os.path.isfile(src):  # an older absolute path, and the folder was moved: look beside the checkpoint
             src = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(src))
         if not os.path.isfile(src):
             raise OARError(f"{path} was fine-tuned on orders {describe_extraction(setting)}, which is gone: put it "
@@ -840,6 +854,9 @@ def position_rule(path, model, args, meta):
     if os.path.abspath(src) == os.path.abspath(path):
         return model, lam, ''
     chooser = load_model(src, meta, next(model.parameters()).device)
+    if args.positions in ('extractor', 'auto') and setting.get('weights') not in (None, weights_id(chooser.state_dict())):
+        raise OARError(f"{src} has changed since it extracted the orders {path} was fine-tuned on (its weights differ): "
+                       f"pass --positions CKPT with the extractor itself, or --positions self")
     return chooser, lam, f'positions {os.path.basename(src)}'
 
 
@@ -891,7 +908,7 @@ def save_grid(images, path, nrow=None, scale=None):
     for i, tile in enumerate(tiles):
         grid.paste(tile, (2 + (i % nrow) * (w + 2), 2 + (i // nrow) * (h + 2)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
+    write_atomic(path, lambda f: grid.save(f, format='PNG'))
 
 
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
@@ -931,7 +948,8 @@ def save_generation_gif(tok, codes, order, H, W, path, frames=49):
         shown[order[:t]] = 1
         mask = F.interpolate(shown.view(1, 1, H, W), scale_factor=f, mode='nearest')[0]
         pics.append(to_pil((image * mask)[None], scale=max(1, 256 // S))[0])
-    pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=80, loop=0)
+    write_atomic(path, lambda f: pics[0].save(f, format='GIF', save_all=True, append_images=pics[1:] + [pics[-1]] * 10,
+                                              duration=80, loop=0))
 
 
 # ------------------------------------------------------ 8. v2: classes with guidance, inpainting, iterated distillation
@@ -973,8 +991,7 @@ def mask_grid(mask, H, W):
         m = named[mask]
     elif os.path.isfile(mask):
         try:
-            with Image.open(mask) as im:
-                m = torch.from_numpy(np.asarray(im.convert('L').resize((W, H), Image.BOX)) > 127.5)
+            m = torch.from_numpy(np.asarray(open_image(mask).convert('L').resize((W, H), Image.BOX)) > 127.5)
         except OSError as e:
             raise OARError(f"--mask {mask} is not a readable image ({e})")
     else:
@@ -1006,13 +1023,14 @@ def inpaint(args):
             labels = (torch.full((len(images),), model.cfg.n_class) if args.label is None
                       else class_labels(model, len(images), args.label))
     else:
-        images = open_dataset(args.data, data['meta']['image_size'])['test'].read(0, args.n)[0]
+        images = run_dataset(args, data['meta'])['test'].read(0, args.n)[0]
         codes = data['test'][:len(images)]
         labels = data['test_labels'].long()[:len(images)] if model.cfg.n_class else None
     codes, n, P = codes.flatten(1).long(), len(images), int((~fill).sum())
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta'])
+    check_sampling(args, [(args.ckpt, model, kind, rule) for kind in args.fill])
     done = {}
     for kind in args.fill:
         done[kind] = sample_codes(model, n, kind, args, g, labels, prompt=codes, known=~fill,
@@ -1037,13 +1055,12 @@ def inpaint(args):
         ref = reference_stats(args, net, dev)
         for kind in args.fill:
             t0 = time.time()
-            label = sampling_label(kind, rule, lam, args, model) if kind == 'oar' else \
-                sampling_label(kind, '', 0.0, args, model)
+            label = sampling_label(kind, rule if kind == 'oar' else '', lam if kind == 'oar' else 0.0, args, model)
             write_results(args.out, [dict(
                 model=os.path.basename(args.ckpt), order=f'inpaint {mask_name} {label}', seed=args.seed, n=n,
                 **image_scores(net, decode(tok, done[kind][0], H, W), ref, dev, 'inception (inpainted)'),
                 jump=mean_jump(done[kind][1][:, P:], W), diversity=order_diversity(done[kind][1][:, P:]), bits=None,
-                seconds=time.time() - t0, grid=stem + '.png')])
+                seconds=time.time() - t0, grid=stem + '.png', settings=dict(reference=os.path.basename(ref['path'])))])
         print(write_summary(args.out))
     return done
 
@@ -1194,10 +1211,11 @@ def reference_stats(args, net, dev):
     """Inception features of the real test images (all of them, or the first --ref-n), computed once and cached in
     OUT as a .npz keyed by data, size and count: dict(feats, mu, sigma, path)."""
     meta = load_tokens(args, build=False)['meta']
-    split = open_dataset(args.data, meta['image_size'])['test']
+    ds = run_dataset(args, meta)
+    split = ds['test']
     n = min(args.ref_n or len(split), len(split))
     name = ''.join(c if c.isalnum() else '_' for c in os.path.basename(meta['data'].rstrip('/')))
-    path = os.path.join(args.out, f"fid_ref_{name}_test_{meta['image_size']}px_{n}.npz")
+    path = os.path.join(args.out, f"fid_ref_{name}_{ds['id'][:8]}_test_{meta['image_size']}px_{n}.npz")
     if os.path.exists(path):
         try:
             with np.load(path) as f:
@@ -1207,9 +1225,7 @@ def reference_stats(args, net, dev):
     images, _, _ = split.read(0, n)
     feats = inception_features(net, images, dev, desc=f'inception ({n} real test images, once)')
     mu, sigma = feature_stats(feats)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, feats=feats.astype(np.float32), mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, feats=feats.astype(np.float32), mu=mu, sigma=sigma))
     return dict(feats=feats.astype(np.float32), mu=mu, sigma=sigma, path=path)
 
 
@@ -1231,28 +1247,69 @@ def sampling_label(order_kind, rule, lam, args, model):
         knobs += [rule] if rule else []
         knobs += [f'lam {lam:g}'] if lam else []
         knobs += [f"pos-T {args.pos_temperature:g}{' anneal' if args.pos_anneal else ''}"] if args.pos_temperature else []
+    knobs += [f'T {args.temperature:g}'] if args.temperature != 1 else []
+    knobs += [f'top-k {args.top_k}'] if args.top_k else []
     knobs += [f'cfg {args.guidance:g}'] if model.cfg.n_class else []  # conditional: classes 0..C-1 in turn
     return ' '.join([order_kind] + knobs)
 
 
-def evaluate(args):
-    """FID, KID, mean jump, order diversity and held-out bits per token for each CKPT:ORDER and seed; plus the
-    tokenizer's own reconstruction scores (the floor). Every CKPT:ORDER is checked before any sampling; each row is
-    appended to OUT/results.md and OUT/results.json as it finishes, and OUT/summary.md (mean and spread over the
-    seeds) is rebuilt at the end."""
-    data, dev, tok, _ = open_run(args)
-    runs = []
-    for spec in args.runs:  # check every run first: an error after an hour of sampling loses that hour
+def check_sampling(args, runs):
+    """Refuse what would make a result say something it did not measure: a raster model asked for another order,
+    or an OAR-sampling flag that no run uses (outside OAR order; --lam with a position head, which learned where
+    to go; --lam and --pos-temperature with fixed layouts). `runs`: (path, model, order kind, rule) each."""
+    given = dict(positions=args.positions != 'auto', lam=args.lam is not None, pos_temperature=args.pos_temperature > 0)
+    idle = set(given)
+    for path, model, kind, rule in runs:
+        if model.record.get('order') == 'raster' and kind != 'raster':
+            raise OARError(f"{path} was trained on raster orders only: sample it in raster order (only an any-order "
+                           f"model can be asked for {kind} positions)")
+        idle &= set(given) if kind != 'oar' else {'lam'} if rule == 'positions head' else \
+            {'lam', 'pos_temperature'} if rule == 'positions layout' else set()
+    idle = [f"--{k.replace('_', '-')}" for k in given if given[k] and k in idle]
+    if idle:
+        raise OARError(f"{', '.join(idle)} would do nothing here (it sets how OAR sampling picks positions, and no "
+                       f"run here uses it): leave it out")
+
+
+def parse_runs(args, meta, dev):
+    """eval's CKPT:ORDER[:POSITIONS] arguments, each checked and loaded before any sampling (an error after an hour
+    of sampling loses that hour): (path, order kind, model, chooser, lam, rule, test orders or None)."""
+    runs, seen = [], set()
+    for spec in args.runs:
         path, _, order_kind = spec.rpartition(':')
         positions = args.positions
         if path.endswith(':oar') and order_kind not in ('raster', 'random', 'oar'):  # CKPT:oar:POSITIONS
             path, order_kind, positions = path[:-4], 'oar', order_kind
         if order_kind not in ('raster', 'random', 'oar') or not path:
             raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar (or CKPT:oar:POSITIONS)")
-        model = load_model(path, data['meta'], dev)
+        if (os.path.abspath(path), order_kind, positions) in seen:
+            raise OARError(f"{spec} is given twice: its rows would pool as if they were more seeds")
+        seen.add((os.path.abspath(path), order_kind, positions))
+        model = load_model(path, meta, dev)
         chooser, lam, rule = (position_rule(path, model, argparse.Namespace(**{**vars(args), 'positions': positions}),
-                                            data['meta']) if order_kind == 'oar' else (None, 0.0, ''))
-        runs.append((path, order_kind, model, chooser, lam, rule))
+                                            meta) if order_kind == 'oar' else (None, 0.0, ''))
+        test_orders = None
+        if model.record['order'] == 'extracted' and model.record.get('mix') != 1:  # held-out bits on its test orders
+            orders_file = recorded_path(model.record.get('orders'), path)
+            test_orders = load_orders(orders_file if orders_file and os.path.exists(orders_file) else args.orders,
+                                      meta)['test_orders'].long()
+        runs.append((path, order_kind, model, chooser, lam, rule, test_orders))
+    check_sampling(args, [(r[0], r[2], r[1], r[5]) for r in runs])
+    return runs
+
+
+def evaluate(args):
+    """FID, KID, mean jump, order diversity and held-out bits per token for each CKPT:ORDER and seed; plus the
+    tokenizer's own reconstruction scores (the floor). Every CKPT:ORDER is checked before any sampling; each row is
+    printed, then added to OUT/results.md and OUT/results.json as it finishes, and OUT/summary.md (mean and spread
+    over the seeds) is rebuilt at the end."""
+    if not args.runs and not args.recon:
+        raise OARError("nothing to evaluate: pass CKPT:ORDER runs (e.g. out/any.pt:oar), or --recon")
+    if len(set(args.seeds)) < len(args.seeds):
+        raise OARError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: its rows would pool as if they "
+                       f"were independent draws")
+    data, dev, tok, _ = open_run(args)
+    runs = parse_runs(args, data['meta'], dev)
     t0 = time.time()
     net = load_inception(args.inception, dev)
     if args.n < 2048:
@@ -1267,15 +1324,10 @@ def evaluate(args):
         images = decode(tok, data['test'][:args.n].flatten(1), H, W)
         rows.append(dict(model='tokenizer', order='reconstruction', seed='-', n=len(images),
                          **image_scores(net, images, ref, dev, 'inception (recon)'), jump=None, diversity=None,
-                         bits=None, seconds=time.time() - t0))
+                         bits=None, seconds=time.time() - t0, settings=dict(reference=os.path.basename(ref['path']))))
         write_results(args.out, rows[-1:])
-    for path, order_kind, model, chooser, lam, rule in runs:
+    for path, order_kind, model, chooser, lam, rule, test_orders in runs:
         kind = 'random' if model.record.get('mix') == 1 else model.record['order']  # finetune --mix 1: random orders
-        test_orders = None
-        if kind == 'extracted':  # its held-out bits are measured under the orders extracted for the test images
-            orders_file = model.record.get('orders')
-            orders_file = orders_file if orders_file and os.path.exists(orders_file) else args.orders
-            test_orders = load_orders(orders_file, data['meta'])['test_orders'].long()
         n_test = len(test_orders) if test_orders is not None else args.eval_n
         test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
         test_labels = test_labels if model.cfg.n_class else None
@@ -1284,6 +1336,8 @@ def evaluate(args):
         where, agree = (heldout_positions(model, test, test_orders, test_labels)
                         if model.cfg.pos_head != 'none' and test_orders is not None else (None, None))
         label = sampling_label(order_kind, rule, lam, args, model)
+        settings = dict(reference=os.path.basename(ref['path']), heldout=n_test, step=model.record.get('step'),
+                        temperature=args.temperature, top_k=args.top_k)  # all but the seed: what rows pool on
         for seed in args.seeds:
             t0 = time.time()
             g = torch.Generator().manual_seed(seed)
@@ -1293,16 +1347,17 @@ def evaluate(args):
                                              chooser=chooser, lam=lam)
             sample_seconds = time.time() - t0
             images = decode(tok, codes, H, W)
+            row = dict(model=os.path.basename(path), order=label, seed=seed, n=args.n,
+                       **image_scores(net, images, ref, dev, 'inception (samples)'), jump=mean_jump(orders, W),
+                       diversity=order_diversity(orders), bits=bits, order_bits=where, agreement=agree,
+                       images_per_s=args.n / sample_seconds, evals=queries[0] / args.n,
+                       seconds=time.time() - t0, sample_seconds=sample_seconds, settings=settings)
             stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_"
                                           f"{label.replace(' ', '_')}_seed{seed}")
+            write_results(args.out, [dict(row, grid=stem + '.png')])  # the row first: a picture cannot lose it
             save_grid(images[:64], stem + '.png')
             save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
-            rows.append(dict(model=os.path.basename(path), order=label, seed=seed, n=args.n,
-                             **image_scores(net, images, ref, dev, 'inception (samples)'), jump=mean_jump(orders, W),
-                             diversity=order_diversity(orders), bits=bits, order_bits=where, agreement=agree,
-                             images_per_s=args.n / sample_seconds, evals=queries[0] / args.n,
-                             seconds=time.time() - t0, sample_seconds=sample_seconds, grid=stem + '.png'))
-            write_results(args.out, rows[-1:])
+            rows.append(row)
     print(write_summary(args.out))
     return rows
 
@@ -1337,34 +1392,43 @@ def result_line(r):
 
 
 def write_results(out, rows):
-    """Append rows to OUT/results.md (a table) and OUT/results.json, and print them."""
-    md, js = os.path.join(out, 'results.md'), os.path.join(out, 'results.json')
-    new = not os.path.exists(md)
-    with open(md, 'a') as f:
-        if new:
-            f.write(RESULT_COLUMNS + '\n' + '|---' * RESULT_COLUMNS.count(' | ') + '|---|\n')
-        f.writelines(result_line(r) + '\n' for r in rows)
-    old = json.load(open(js)) if os.path.exists(js) else []
-    with open(js + '.tmp', 'w') as f:
-        json.dump(old + rows, f, indent=1)
-    os.replace(js + '.tmp', js)
+    """Print rows, then add them to OUT/results.json and OUT/results.md (a table), each rewritten atomically: a
+    row is on the screen before any write can fail, and a failed write leaves both files as they were."""
     for r in rows:
         print(result_line(r))
+    md, js = os.path.join(out, 'results.md'), os.path.join(out, 'results.json')
+    old = [] if not os.path.exists(js) else read_json(js, 'results file')
+    table = (open(md).read() if os.path.exists(md) else
+             RESULT_COLUMNS + '\n' + '|---' * RESULT_COLUMNS.count(' | ') + '|---|\n')
+    write_text(js, json.dumps(old + rows, indent=1))
+    write_text(md, table + ''.join(result_line(r) + '\n' for r in rows))
+
+
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise OARError(f"{path} is not a readable {what} ({type(e).__name__}): move it away and run again")
 
 
 def write_summary(out):
     """OUT/summary.md from OUT/results.json: per model and sampling setting, the mean and the standard deviation
-    over the seeds of FID and KID (the spread to hold a gap against)."""
-    rows = json.load(open(os.path.join(out, 'results.json')))
+    over the seeds of FID and KID (the spread to hold a gap against). Rows pool only when every setting but the
+    seed is equal (model, order and positions, n, temperatures, reference, ...); of a seed measured twice with
+    equal settings the latest row counts."""
     groups = {}
-    for r in rows:
-        groups.setdefault((r['model'], r['order'], r['n']), []).append(r)
+    for r in read_json(os.path.join(out, 'results.json'), 'results file'):
+        key = json.dumps([r['model'], r['order'], r['n'], r.get('settings')])
+        groups.setdefault(key, {})[r['seed']] = r
+    groups = {key: list(seeds.values()) for key, seeds in groups.items()}
     spread = lambda v, scale=1, f='.2f': (f"{scale * np.mean(v):{f}} ± {scale * np.std(v, ddof=1):{f}}" if len(v) > 1
                                           else f"{scale * v[0]:{f}}")
     lines = ['| model | order | seeds | n | FID | KID x 1000 | precision | recall | mean jump | order diversity | '
              'held-out bits/token | + order bits | head agreement | images/s | token evaluations per image |',
              '|---' * 15 + '|']
-    for (model, order, n), rs in groups.items():
+    for rs in groups.values():
+        model, order, n = rs[0]['model'], rs[0]['order'], rs[0]['n']
         opt = lambda k, f: '-' if rs[0].get(k) is None else format(np.mean([r[k] for r in rs]), f)
         pr = lambda k: spread([r[k] for r in rs], f='.3f') if rs[0].get(k) is not None else '-'
         both = '-' if rs[0].get('order_bits') is None else f"{rs[0]['bits'] + rs[0]['order_bits']:.3f}"
@@ -1375,8 +1439,7 @@ def write_summary(out):
                      f"{opt('evals', '.0f')} |")
     text = ('Mean ± standard deviation over the sampling seeds (one row per model and setting).\n\n'
             + '\n'.join(lines) + '\n')
-    with open(os.path.join(out, 'summary.md'), 'w') as f:
-        f.write(text)
+    write_text(os.path.join(out, 'summary.md'), text)
     return text
 
 
@@ -1431,18 +1494,25 @@ def list_image_folder(folder):
     return paths, [classes.index(parts[0]) if len(parts) > 1 else 0 for parts in first], classes
 
 
+def open_image(path):
+    """An image file as an RGB PIL image; 16- and 32-bit ones (mode I;16, I) at their full range, not clipped at 255."""
+    with Image.open(path) as im:
+        if im.mode.startswith('I'):  # a 16-bit PNG: 0..65535 -> 0..255 (Pillow's convert would clip at 255)
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        return im.convert('RGB')
+
+
 def load_images(paths, size):
     """Centre-crop to square, resize to size x size, RGB. Returns (uint8 (n, 3, size, size), kept index, n_bad)."""
     out, kept = [], []
     for i, p in enumerate(paths):
         try:
-            with Image.open(p) as im:
-                im = im.convert('RGB')
-                s = min(im.size)
-                left, top = (im.width - s) // 2, (im.height - s) // 2
-                im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-                out.append(np.asarray(im).transpose(2, 0, 1))
-                kept.append(i)
+            im = open_image(p)
+            s = min(im.size)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+            out.append(np.asarray(im).transpose(2, 0, 1))
+            kept.append(i)
         except Exception:  # a corrupt or unreadable file is counted and skipped, never a crash mid-way
             pass
     imgs = torch.from_numpy(np.stack(out)) if out else torch.zeros(0, 3, size, size, dtype=torch.uint8)
@@ -1477,12 +1547,14 @@ def open_dataset(data_dir, image_size):
     if idx_dir:
         ds = dict(name='fashion-mnist', classes=['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                                                  'Shirt', 'Sneaker', 'Bag', 'Ankle boot'])
+        h = hashlib.sha1()
         for split, (img_name, lab_name) in FMNIST_FILES.items():
             imgs = torch.from_numpy(read_idx(_idx_path(idx_dir, img_name)).copy())[:, None]  # (n, 1, 28, 28)
             labels = torch.from_numpy(read_idx(_idx_path(idx_dir, lab_name)).astype(np.int64))
+            h.update(imgs.numpy().tobytes() + labels.numpy().tobytes())
             ds['image_size'] = image_size or imgs.shape[-1]
             ds[split] = Split(labels, ds['image_size'], images=imgs)
-        return ds
+        return dict(ds, dir=os.path.abspath(idx_dir), id=h.hexdigest()[:16])
     if data_dir and os.path.isdir(data_dir):
         paths, labels, classes = list_image_folder(data_dir)
         if len(paths) >= 2:
@@ -1491,10 +1563,23 @@ def open_dataset(data_dir, image_size):
             size, labels = image_size or 256, torch.tensor(labels)
             split = {name: Split(labels[idx], size, paths=[paths[i] for i in idx])
                      for name, idx in (('test', perm[:n_test]), ('train', perm[n_test:]))}
-            return dict(name=os.path.abspath(data_dir), classes=classes, image_size=size, **split)
+            listing = [(os.path.relpath(p, data_dir), os.path.getsize(p)) for p in paths]  # what the data is
+            return dict(name=os.path.abspath(data_dir), dir=os.path.abspath(data_dir), classes=classes, image_size=size,
+                        id=hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:16], **split)
     searched = data_dir or ', '.join(FMNIST_DIRS)
     raise OARError(f"no data found (searched {searched}): install Fashion-MNIST with "
                    f"'apt-get install dataset-fashion-mnist', or pass --data DIR (IDX files or a folder of images)")
+
+
+def run_dataset(args, meta):
+    """The images the token cache of --out was made from: --data when given (refused if it holds other images),
+    else the folder the cache recorded (or the default search, if that folder has moved)."""
+    recorded = meta.get('data_dir')
+    ds = open_dataset(args.data or (recorded if recorded and os.path.isdir(recorded) else None), meta['image_size'])
+    if meta.get('data_id', ds['id']) != ds['id']:
+        raise OARError(f"{ds['dir']} holds other images than the token cache of {args.out} was made from "
+                       f"({recorded}): pass --data {recorded}, or use an --out tokenized from {ds['dir']}")
+    return ds
 
 
 def load_dataset(data_dir, image_size):
@@ -1542,6 +1627,8 @@ def load_tokens(args, build=True):
         if clash:
             raise OARError(f"{path} was made with another tokenizer or grid: {', '.join(clash)}; "
                            f"use the flags it was made with, another --out, or delete it")
+        if args.data and os.path.abspath(args.data) != meta.get('data_dir'):
+            run_dataset(args, meta)  # refuses a --data that holds other images than the cache was made from
         return {k: (v.long() if k in ('train', 'test') else v) for k, v in cache.items()}
     if not build:
         raise OARError(f"no token cache at {path}: run 'python oar.py tokenize --out {args.out}' first")
@@ -1595,16 +1682,24 @@ def tokenize(args):
         if S % p:
             raise OARError(f"--patch {p} does not divide the {S} px images: pick a divisor of {S}")
         n_patches = min(len(ds['train']), args.fit_images) * (S // p) ** 2
-        if K > min(n_patches, 200_000):
+        if K > min(n_patches, 200_000):  # few patches: say so, unless it is because no image can be read at all
+            if not len(ds['train'].read(0, min(len(ds['train']), args.fit_images))[0]):
+                raise OARError(f"no readable training images in {ds['name']}: check the files (PNG, JPEG or WebP)")
             raise OARError(f"--codebook-size {K} is more than the {min(n_patches, 200_000)} patches it would be fitted on")
-    os.makedirs(args.out, exist_ok=True)
+    with locked(tokens_path(args)):  # a second job into this --out refuses while this one writes
+        return encode_dataset(args, ds, dev)
+
+
+def encode_dataset(args, ds, dev):
+    """tokenize's work: fit (or load) the tokenizer, encode train and test a chunk at a time, save the cache."""
     partial = tokens_path(args) + '.partial'
     part = read_ours(partial, 'partial token cache') if os.path.exists(partial) else None
     t0 = time.time()
     tok = make_tokenizer(args, ds, part is not None, dev)
     save_atomic(tok.record(), os.path.join(args.out, 'tokenizer.pt'))
     described = tok.describe()
-    meta = dict(data=ds['name'], classes=ds['classes'], image_size=ds['image_size'], tokenizer=described)
+    meta = dict(data=ds['name'], data_dir=ds['dir'], data_id=ds['id'], classes=ds['classes'],
+                image_size=ds['image_size'], tokenizer=described)  # later commands read the same data
     if part is None or part['meta'] != meta:
         part = dict(meta=meta, done=dict(train=0, test=0), train=[], train_labels=[], test=[], test_labels=[], bad=0)
     enc_batch = 32 if tok.kind == 'vqgan' else args.batch_size
@@ -1659,17 +1754,71 @@ def unigram_entropy(codes):
 
 # -------------------------------------------------------------- plumbing: checkpoints, orders files, devices, processes
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+def write_atomic(path, write):
+    """Every file the program writes goes through here: `write(f)` fills a temporary file beside `path`, which is
+    then renamed over it. On any failure (a full or read-only disk, Ctrl-C, SIGTERM) the temporary file is removed
+    and the previous file stays as it was; a disk error ends in one line."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, 'wb') as f:
+            write(f)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder: the previous file stays as it was
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise OARError(f"could not write {path} ({e}): free some disk space or choose another folder; "
-                       f"{'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'}")
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        raise OARError(f"could not write {path} ({getattr(e, 'strerror', None) or e}): free some disk space or "
+                       f"choose another folder; {'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'}")
+
+
+def save_atomic(obj, path):
+    """torch.save through the atomic writer: a crash never leaves a half-written checkpoint."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_text(path, text):
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Hold PATH.lock while a job writes PATH (a checkpoint, an orders file, a token cache, the results): a second
+    job on the same file refuses, naming the first; a lock left by a process that is gone is taken over. Makes
+    the folder, so that a missing or read-only one is found before the work, not after it."""
+    lock = path + '.lock'
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), command=' '.join(sys.argv), since=time.strftime('%F %T'))
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    other = json.load(f)
+            except (OSError, ValueError):  # being written this instant, or garbage left by a crash
+                other = {} if time.time() - os.path.getmtime(lock) > 5 else dict(pid='?', host=me['host'])
+            if other.get('host') == me['host'] and other.get('pid') != '?':
+                try:
+                    os.kill(int(other.get('pid', -1)), 0)
+                except (ProcessLookupError, ValueError, OverflowError):
+                    other = {}  # that process is gone: a stale lock
+                except PermissionError:
+                    pass
+            if other:
+                raise OARError(f"{path} is being written by another job (process {other.get('pid')} on "
+                               f"{other.get('host')}, since {other.get('since', '?')}: {other.get('command', '?')}): "
+                               f"wait for it to finish, or delete {lock} if that job is gone")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+    with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)
 
 
 def tokens_id(meta):
@@ -1711,8 +1860,14 @@ def load_checkpoint(path, meta, cfg=None):
 def load_model(path, meta, device):
     """The model of a checkpoint, in eval mode; `model.record` keeps what the checkpoint says of its training."""
     ckpt = load_checkpoint(path, meta)
-    model = OAR(GPTConfig(**ckpt['config']))
-    model.load_state_dict(ckpt['model'])
+    try:
+        model = OAR(GPTConfig(**ckpt['config']))
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, RuntimeError) as e:
+        raise OARError(f"{path}: its weights do not fit the config it records ({str(e).splitlines()[0]}): "
+                       f"train it again")
+    if weights_broken(model):
+        raise OARError(f"{path} cannot be used: {weights_broken(model)}; train it again")
     model.record = {k: v for k, v in ckpt.items() if k not in ('model', 'optim')}
     return model.to(device).eval()
 
@@ -1737,7 +1892,7 @@ def resumed_checkpoint(args, meta, cfg, extractor=None):
     if ckpt.get('order') != args.order:
         raise OARError(f"{args.ckpt} was trained on {ckpt.get('order')} orders, not {args.order}: "
                        f"resume it with the command that made it, or choose another --ckpt")
-    if ckpt.get('extractor') not in (None, extractor):
+    if ckpt.get('extractor') is not None and not same_extraction(ckpt['extractor'], extractor):
         raise OARError(f"{args.ckpt} was fine-tuned on orders {describe_extraction(ckpt['extractor'])}, but "
                        f"{args.orders} holds orders {describe_extraction(extractor)}: pass the orders it was "
                        f"fine-tuned on, or another --ckpt")
@@ -1767,6 +1922,32 @@ def save_checkpoint(path, model, loss=None, **record):
     save_atomic(dict(model=model.state_dict(), **record), path)
 
 
+def relative_to(path, anchor):
+    """`path` as the file `anchor` records it: relative to anchor's folder, so that a moved run folder resolves."""
+    return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(anchor)))
+
+
+def recorded_path(rel, anchor):
+    """The path a file at `anchor` recorded with `relative_to` (an absolute one, as older files hold, as it is)."""
+    return rel and os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(anchor)), rel))
+
+
+def weights_id(state):
+    """A short hash of a state dict's tensors: which model extracted an orders file, whoever moved or renamed it."""
+    h = hashlib.sha1()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def same_extraction(a, b):
+    """Two orders files' settings describe the same extraction: the same model (by its weights; by its path in
+    files older than that), score, --lam and count."""
+    drop = lambda s: {k: v for k, v in (s or {}).items() if k != 'ckpt' or 'weights' not in s}
+    return drop(a) == drop(b)
+
+
 def describe_extraction(setting):
     """'extracted by any.pt with --score confidence --lam 0.1' from an orders file's setting."""
     if not setting:
@@ -1774,20 +1955,34 @@ def describe_extraction(setting):
     return f"extracted by {os.path.basename(setting.get('ckpt', '?'))} with --score {setting.get('score')} --lam {setting.get('lam')}"
 
 
-def read_orders(path):
-    """An orders file (or shard): orders (n, N), filled (n,) which rows are done, setting, tokens, test_orders."""
+def read_orders(path, N=None):
+    """An orders file (or shard): orders (n, N), filled (n,) which rows are done, setting, tokens, test_orders.
+    Every filled row (and every test order) must be a permutation of the N positions: a file edited by hand or
+    from another grid is refused, never trained on."""
     of = read_ours(path, 'orders file')
     if not isinstance(of, dict) or 'orders' not in of:
         raise OARError(f"{path} is not an orders file: delete it and extract again")
     if 'filled' not in of:  # written before extraction was sharded: its first `done` rows are filled
         of['filled'] = torch.arange(len(of['orders'])) < of.pop('done')
+    try:
+        filled = of['orders'][of['filled']]
+    except (IndexError, RuntimeError, TypeError):
+        raise OARError(f"{path} is not an orders file (its rows and their filled marks do not match): extract again")
+    for name, rows in (('orders', filled), ('test_orders', of.get('test_orders'))):
+        if rows is None or not len(rows):
+            continue
+        n = rows.shape[1] if N is None else N
+        if rows.dim() != 2 or rows.shape[1] != n or not torch.equal(rows.long().sort(1).values,
+                                                                     torch.arange(n).expand(len(rows), n)):
+            raise OARError(f"{path}: its {name} are not orders of the {n} positions of this grid (each row a "
+                           f"permutation of 0..{n - 1}): extract again")
     return of
 
 
 def load_orders(path, meta):
     if not os.path.exists(path):
         raise OARError(f"no orders at {path}: run 'python oar.py extract' first")
-    of = read_orders(path)
+    of = read_orders(path, meta['grid'][0] * meta['grid'][1])
     if of['tokens'] != tokens_id(meta):
         raise OARError(f"{path} was extracted from other tokens than this --out holds: extract again")
     if not of['filled'].all() or 'test_orders' not in of:
@@ -1802,11 +1997,11 @@ def merge_orders(of, paths):
     for path in paths:
         if not os.path.exists(path):
             continue
-        done = read_orders(path)
-        if done.get('setting') != of['setting'] or done['tokens'] != of['tokens']:
+        done = read_orders(path, of['orders'].shape[1])
+        if not same_extraction(done.get('setting'), of['setting']) or done['tokens'] != of['tokens']:
             raise OARError(f"{path} holds orders {describe_extraction(done.get('setting'))} "
                            f"(n {done.get('setting', {}).get('n')}), not {describe_extraction(of['setting'])} "
-                           f"(n {of['setting']['n']}): delete it or pass another --orders")
+                           f"(n {of['setting']['n']}) with these weights: delete it, or extract into another file")
         of['orders'][done['filled']] = done['orders'][done['filled']]
         of['filled'] |= done['filled']
         of.update({k: v for k, v in done.items() if k == 'test_orders'})
@@ -1852,7 +2047,14 @@ def pick_device(name='auto'):
     if torch.cuda.is_available():  # TF32 for the float32 matmuls left outside bf16 autocast
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if name and name != 'auto':
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise OARError(f"--device {name}: expected cuda, cuda:N, mps, cpu or auto")
+        if dev.type not in ('cpu', 'cuda', 'mps') or (dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count()) or \
+                (dev.type == 'mps' and not torch.backends.mps.is_available()):
+            raise OARError(f"--device {name}: this machine has no such device (use auto or cpu)")
+        return dev
     if torch.cuda.is_available():
         return torch.device('cuda')
     if torch.backends.mps.is_available():
@@ -1866,16 +2068,24 @@ def autocast(device, cpu_bf16=False):
                           enabled=device.type == 'cuda' or (cpu_bf16 and device.type == 'cpu'))
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and `timeout` send), raised where Ctrl-C would be: the same saving path."""
+
+
+def stop_on_sigterm(signum, frame):
+    raise Stopped(signum)
+
+
 @contextlib.contextmanager
 def saved_on_ctrl_c(save, message):
-    """Ctrl-C inside the block: `save()` the finished work, print `message()` (what was kept, how to go on) and
-    exit with code 130. The long loops (tokenize, train, extract) run inside one."""
+    """Ctrl-C or SIGTERM inside the block: `save()` the finished work, print `message()` (what was kept, how to go
+    on) and exit with 128 + the signal (130, 143). The long loops (tokenize, train, extract) run inside one."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         save()
         print('\n' + message())
-        raise SystemExit(130)
+        raise SystemExit(143 if isinstance(e, Stopped) else 130)
 
 
 # ------------------------------------------------------------------------------------------------------------ benchmark
@@ -1907,8 +2117,7 @@ def bench(args):
         for r in levers:
             print(f"| {r['what']} | {r['before']:,.2f} | {r['after']:,.2f} | {r['unit']} | {r['speedup']:.2f}x |")
         results.append(dict(config=name, **c, device=str(dev), matmul_flops=flops, rows=rows, levers=levers))
-    with open(args.json, 'w') as f:
-        json.dump(results, f, indent=1)
+    write_text(args.json, json.dumps(results, indent=1))
     print(f"\nsaved {args.json}")
     return results
 
@@ -2124,6 +2333,14 @@ def ranged(kind, lo=None, hi=None, above=False):
 POS, COUNT, NONNEG = ranged(int, 1), ranged(int, 0), ranged(float, 0)   # >= 1, >= 0 (0: all), >= 0.0
 
 
+def SEED(text):
+    """eval --seeds: an integer seed that numpy and torch both take; a CKPT:ORDER here was meant as a run."""
+    if ':' in text:
+        raise argparse.ArgumentTypeError(f"{text} is a run, not a seed: put the CKPT:ORDER runs before --seeds, "
+                                         f"or end the seeds with --")
+    return ranged(int, 0, 2 ** 32 - 1)(text)
+
+
 def build_parser():
     p = Parser(description='OAR: learned generation orders for autoregressive image models',
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -2138,7 +2355,7 @@ def build_parser():
     data.add_argument('--patch', type=POS, default=None, help='k-means patch side in pixels (default: 4 when building)')
     data.add_argument('--codebook-size', type=ranged(int, 2), default=None, help='k-means codebook size K (default: 256 when building)')
     data.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
-    data.add_argument('--seed', type=int, default=0, help='random seed')
+    data.add_argument('--seed', type=ranged(int, 0, 2 ** 32 - 1), default=0, help='random seed')
 
     s = sub.add_parser('tokenize', parents=[data], formatter_class=fmt, help='fit the tokenizer and cache the tokens')
     s.add_argument('--vqgan-ckpt', default=None, help='taming VQ-GAN checkpoint (.ckpt or state-dict .pt) for --tokenizer vqgan')
@@ -2257,7 +2474,8 @@ def build_parser():
                         'picks the positions as --positions POSITIONS does, e.g. out/oar.pt:oar:self')
     s.add_argument('--n', type=ranged(int, 2), default=2000,
                    help='generated images per run and seed (FID is biased upward below about 2048: compare equal n)')
-    s.add_argument('--seeds', type=int, nargs='+', default=[0], help='sampling seeds: one row each')
+    s.add_argument('--seeds', type=SEED, nargs='+', default=[0],
+                   help='sampling seeds: one row each (put the CKPT:ORDER runs first, or end the seeds with --)')
     s.add_argument('--recon', action='store_true', help='also the tokenizer reconstruction FID (the floor)')
     s.add_argument('--orders', default=None,
                    help="orders file for the held-out bits of a fine-tuned model that does not name its own (default: OUT/orders.pt)")
@@ -2312,6 +2530,9 @@ def build_parser():
 
 
 def main(argv=None):
+    with contextlib.suppress(ValueError):  # (not from a thread)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, stop_on_sigterm)  # SLURM's, Kubernetes' and timeout's stop: saved as Ctrl-C
     args = build_parser().parse_args(argv)
     if args.command in ('train', 'finetune', 'extract', 'sample', 'inpaint'):
         # the model trained on random orders is the any-order model, any.pt, which extract and sample start from
@@ -2322,17 +2543,34 @@ def main(argv=None):
         args.orders = args.orders or os.path.join(args.out, 'orders.pt')
     if args.command in ('finetune', 'distill'):
         args.init = args.init or os.path.join(args.out, 'any.pt')
+    # the files a job writes, each held under a lock for the job's length (one writer: rank 0 under torchrun)
+    in_out = lambda *names: [os.path.join(getattr(args, 'out', ''), name) for name in names]  # (bench has no --out)
+    writes = dict(train=[getattr(args, 'ckpt', '')], finetune=[getattr(args, 'ckpt', '')],
+                  extract=[getattr(args, 'orders', '')], eval=in_out('results.json'), distill=in_out('orders.pt', 'oar.pt'),
+                  inpaint=in_out('results.json') if getattr(args, 'fid', False) else []).get(args.command, [])
     try:
-        for name in ('ckpt', 'orders', 'init'):
-            if getattr(args, name, None) and os.path.isdir(getattr(args, name)):
-                raise OARError(f"--{name} {getattr(args, name)} is a folder: pass a file path")
-        return args.func(args)
+        for name in ('out', 'ckpt', 'orders', 'init'):
+            path = getattr(args, name, None)
+            if path and (os.path.isdir(path) if name != 'out' else os.path.exists(path) and not os.path.isdir(path)):
+                raise OARError(f"--{name} {path} is a {'folder: pass a file path' if name != 'out' else 'file: pass a folder'}")
+        if getattr(args, 'pos_anneal', False) and not args.pos_temperature:
+            raise OARError("--pos-anneal anneals --pos-temperature, which is 0 (the best position): give it one")
+        with contextlib.ExitStack() as held:
+            for path in writes if int(os.environ.get('RANK', 0)) == 0 else []:
+                held.enter_context(locked(path))
+            return args.func(args)
     except OARError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    except KeyboardInterrupt:  # the long loops save their work and exit 130 themselves: this is start-up
-        print("interrupted before any work started: nothing was written", file=sys.stderr)
-        raise SystemExit(130)
+    except OSError as e:  # a read-only or full disk outside the atomic writer, a folder that cannot be made
+        hint = {errno.ENOSPC: 'free some disk space', errno.EACCES: 'choose a folder you can write to',
+                errno.EROFS: 'choose a folder you can write to'}.get(e.errno, 'check the path')
+        print(f"error: {e.filename or ''}: {e.strerror or e}: {hint}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt as e:  # the long loops save their work and exit 130 themselves: this is the rest
+        print("interrupted: every file written so far is whole (each is written in full or not at all); rerun the "
+              "command to do the rest", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Stopped) else 130)
 
 
 if __name__ == '__main__':

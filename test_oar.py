@@ -1,11 +1,15 @@
 """Tests: seconds on a CPU, tiny shapes, data written by the tests themselves. Run: python -m pytest -q"""
 import builtins
+import errno
 import gzip
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import struct
+import subprocess
 import sys
 import types
 from dataclasses import asdict
@@ -263,7 +267,7 @@ def tree_hashes(folder):
             for p in sorted(str(q) for q in Path(folder).rglob('*') if q.is_file())}
 
 
-BAD_INPUTS = {  # name: (argv after the command's --out, words the one line must hold)
+PARSER_CASES = {  # name: (argv, words the one line must hold). They stop in argparse: nothing can have run
     'steps negative': (['train', '--steps', '-5'], 'must be >= 1'),
     'batch size zero': (['train', '--batch-size', '0'], '--batch-size'),
     'eval every zero': (['train', '--eval-every', '0'], '--eval-every'),
@@ -282,7 +286,53 @@ BAD_INPUTS = {  # name: (argv after the command's --out, words the one line must
     'lr not a number': (['train', '--lr', 'fast'], 'not a number'),
     'sample n zero': (['sample', '--n', '0'], '--n'),
     'inpaint n zero': (['inpaint', '--n', '0'], '--n'),
-    'eval n one': (['eval', '--n', '1', 'OUT/any.pt:random'], 'must be >= 2'),
+    'eval n one': (['eval', '--n', '1', 'out/any.pt:random'], 'must be >= 2'),
+    'seeds swallow a run': (['eval', '--seeds', '0', '1', 'out/any.pt:random'], 'put the CKPT:ORDER runs before --seeds'),
+    'seed too large': (['eval', '--seeds', str(2 ** 40), '--', 'out/any.pt:random'], '<= 4294967295'),
+    'seed negative': (['train', '--seed', '-1'], 'must be >= 0'),
+    'order unknown': (['sample', '--order', 'spiral'], 'invalid choice'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(PARSER_CASES))
+def test_parser_refuses_out_of_range_flags_in_one_line(case, capsys):
+    argv, words = PARSER_CASES[case]
+    with pytest.raises(SystemExit) as e:
+        oar.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and err.count('\n') == 1 and 'Traceback' not in err, err
+
+
+@pytest.fixture(scope='module')
+def tiny_ft_run(tiny_run, tmp_path_factory):
+    """tiny_run with extracted orders, a fine-tuned model with a position head, and broken or foreign files."""
+    root = tmp_path_factory.mktemp('ft')
+    out = str(root / 'out')
+    shutil.copytree(tiny_run['out'], out)
+    oar.main(['extract', '--out', out, '--n', '32', '--batch-size', '16', '--eval-n', '16'])
+    oar.main(['finetune', '--out', out, '--steps', '2', '--batch-size', '8', '--eval-n', '16', '--warmup', '1'])
+    ckpt = torch.load(f'{out}/any.pt', weights_only=True)
+    first = next(iter(ckpt['model']))
+    variants = dict(misfit=dict(config=dict(ckpt['config'], n_embd=32)), rasterlike=dict(order='raster'),
+                    nan=dict(model={**ckpt['model'], first: ckpt['model'][first] * float('nan')}),
+                    other_any=dict(model={**ckpt['model'], first: ckpt['model'][first] + 0.01}))
+    for name, change in variants.items():
+        torch.save({**ckpt, **change}, f'{out}/{name}.pt')
+    torch.save({**torch.load(f'{out}/oar.pt', weights_only=True), 'orders': 'gone.pt'}, f'{out}/orphan.pt')
+    of = torch.load(f'{out}/orders.pt', weights_only=True)
+    edited = of['orders'].clone()
+    edited[0, :2] = 0  # a position twice, another never
+    torch.save({**of, 'orders': edited}, f'{out}/edited_orders.pt')
+    torch.save({**of, 'orders': of['orders'][:, :8], 'test_orders': of['test_orders'][:, :8]}, f'{out}/short_orders.pt')
+    lock = dict(pid=os.getppid(), host=socket.gethostname(), command='python oar.py train (another job)', since='now')
+    Path(f'{out}/held.pt.lock').write_text(json.dumps(lock))  # a job that is still running holds held.pt
+    torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 16, stride=16), torch.nn.AdaptiveAvgPool2d(2),
+                                         torch.nn.Flatten())).save(str(root / 'stand_in_inception.pt'))
+    data2 = write_fake_fmnist(str(root / 'other_data'), seed=1)
+    return dict(tiny_run, out=out, data2=data2, inception=str(root / 'stand_in_inception.pt'))
+
+
+BAD_INPUTS = {  # name: (argv after the command's --out, words the one line must hold); they get past argparse
     'heads do not divide channels': (['train', '--n-head', '3', '--n-embd', '16', '--ckpt', 'OUT/new.pt'], 'does not divide'),
     'checkpoint is a folder': (['sample', '--ckpt', 'OUT'], 'is a folder'),
     'any-order resumed as raster': (['train', '--order', 'raster', '--resume', '--ckpt', 'OUT/any.pt', '--n-layer', '1',
@@ -293,15 +343,49 @@ BAD_INPUTS = {  # name: (argv after the command's --out, words the one line must
     'inception junk': (['eval', '--inception', 'OUT/junk.bin', 'OUT/any.pt:random'], 'not a TorchScript Inception'),
     'eval run missing': (['eval', 'OUT/any.pt:random', 'OUT/missing.pt:raster'], 'no checkpoint at'),
     'vqgan checkpoint a folder': (['tokenize', '--out', 'OUT/v', '--tokenizer', 'vqgan', '--vqgan-ckpt', 'OUT'], 'not a file'),
+    # tracebacks before
+    'device unknown': (['sample', '--device', 'banana'], 'expected cuda'),
+    'device absent': (['sample', '--device', 'cuda:99'], 'no such device'),
+    'weights do not fit the config': (['sample', '--ckpt', 'OUT/misfit.pt'], 'do not fit the config'),
+    'non-finite weights': (['sample', '--ckpt', 'OUT/nan.pt'], 'is not finite'),
+    'out is a file (train)': (['train', '--out', 'OUT/junk.bin'], 'is a file'),
+    'out is a file (sample)': (['sample', '--out', 'OUT/junk.bin'], 'is a file'),
+    'eval with nothing to evaluate': (['eval'], 'nothing to evaluate'),
+    'orders gone, found before the reference': (['eval', '--inception', 'OUT/junk.bin', '--orders', 'OUT/none.pt',
+                                                 'OUT/orphan.pt:oar'], 'no orders at'),
+    # results that would not say what they measured
+    'eval seeds repeated': (['eval', 'OUT/any.pt:random', '--seeds', '0', '0'], 'repeats a seed'),
+    'eval run given twice': (['eval', 'OUT/any.pt:random', 'OUT/any.pt:random'], 'given twice'),
+    'data other than the cache (eval)': (['eval', '--data', 'DATA2', 'OUT/any.pt:random'], 'holds other images'),
+    'data other than the cache (inpaint)': (['inpaint', '--data', 'DATA2'], 'holds other images'),
+    'data other than the cache (train)': (['train', '--data', 'DATA2', '--ckpt', 'OUT/new.pt'], 'holds other images'),
+    # flags that would do nothing
+    'positions with raster order': (['sample', '--order', 'raster', '--positions', 'self'], '--positions would do nothing'),
+    'lam with raster order': (['sample', '--order', 'raster', '--lam', '0.1'], '--lam would do nothing'),
+    'position temperature with raster order': (['sample', '--order', 'random', '--pos-temperature', '1'], 'would do nothing'),
+    'lam with a position head': (['sample', '--ckpt', 'OUT/oar.pt', '--lam', '0.3'], '--lam would do nothing'),
+    'lam with layouts': (['sample', '--ckpt', 'OUT/oar.pt', '--positions', 'layout', '--lam', '0.3'], 'would do nothing'),
+    'lam with no OAR run in eval': (['eval', '--lam', '0.2', 'OUT/any.pt:random'], '--lam would do nothing'),
+    'pos-anneal without a temperature': (['sample', '--pos-anneal'], 'anneals --pos-temperature'),
+    'OAR order of a raster model': (['sample', '--ckpt', 'OUT/rasterlike.pt'], 'raster orders only'),
+    'extract with a raster model': (['extract', '--ckpt', 'OUT/rasterlike.pt', '--orders', 'OUT/o2.pt'], 'raster orders only'),
+    'finetune a raster model': (['finetune', '--init', 'OUT/rasterlike.pt', '--ckpt', 'OUT/ft2.pt'], 'raster orders only'),
+    'finetune another model than the extractor': (['finetune', '--init', 'OUT/other_any.pt', '--ckpt', 'OUT/ft2.pt'],
+                                                   'is not the model that extracted'),
+    # orders edited by hand
+    'orders not permutations': (['finetune', '--orders', 'OUT/edited_orders.pt', '--ckpt', 'OUT/ft2.pt'], 'not orders of the 16'),
+    'orders of another length': (['finetune', '--orders', 'OUT/short_orders.pt', '--ckpt', 'OUT/ft2.pt'], 'not orders of the 16'),
+    # two jobs on one file
+    'a running job holds the checkpoint': (['train', '--order', 'any', '--ckpt', 'OUT/held.pt'], 'being written by another job'),
 }
 
 
 @pytest.mark.parametrize('case', sorted(BAD_INPUTS))
-def test_bad_input_one_line_and_no_lost_work(case, tiny_run, tmp_path, capsys):
-    out = copy_run(tiny_run, tmp_path)
+def test_bad_input_one_line_and_no_lost_work(case, tiny_ft_run, tmp_path, capsys):
+    out = copy_run(tiny_ft_run, tmp_path)
     (Path(out) / 'junk.bin').write_bytes(b'junk')
     argv, words = BAD_INPUTS[case]
-    argv = [a.replace('OUT', out) for a in argv]
+    argv = [a.replace('OUT', out).replace('DATA2', tiny_ft_run['data2']) for a in argv]
     before = tree_hashes(out)
     err = run_error([argv[0], '--out', out, *argv[1:]], capsys)
     assert words in err and err.count('\n') == 1 and 'Traceback' not in err, err
@@ -365,7 +449,7 @@ def test_full_disk_during_a_checkpoint_write(tmp_path, monkeypatch):
     oar.save_atomic({'a': 1}, path)
 
     def full(obj, f):
-        open(f, 'wb').write(b'half')
+        f.write(b'half')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(oar.torch, 'save', full)
     with pytest.raises(oar.OARError, match='No space left.*previous file is unchanged'):
@@ -381,6 +465,184 @@ def test_ctrl_c_during_start_up_is_one_line(tiny_run, tmp_path, capsys, monkeypa
         oar.main(['sample', '--out', tiny_run['out']])
     err = capsys.readouterr().err
     assert e.value.code == 130 and err.count('\n') == 1 and 'interrupted' in err
+
+
+def test_sigterm_saves_like_ctrl_c_and_resumes_exactly(tiny_run, tmp_path, monkeypatch, capsys):
+    """SIGTERM (a cluster's stop) during training and extraction, then a rerun: the same weights and orders."""
+    out = copy_run(tiny_run, tmp_path)
+    train = ['train', '--out', out, '--order', 'any', '--steps', '6', '--save-every', '100', *TINY]
+    oar.main(train + ['--ckpt', f'{out}/whole.pt'])
+    real_lr = oar.lr_at
+    monkeypatch.setattr(oar, 'lr_at', lambda step, a: os.kill(os.getpid(), signal.SIGTERM) if step == 3 else real_lr(step, a))
+    with pytest.raises(SystemExit) as e:
+        oar.main(train + ['--ckpt', f'{out}/cut.pt'])
+    assert e.value.code == 143 and 'interrupted at step 3' in capsys.readouterr().out
+    monkeypatch.setattr(oar, 'lr_at', real_lr)
+    oar.main(train + ['--ckpt', f'{out}/cut.pt', '--resume'])
+    a, b = (torch.load(f'{out}/{n}.pt', weights_only=True)['model'] for n in ('whole', 'cut'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(Path(out).glob('*.lock')) and not list(Path(out).glob('*.tmp*'))
+
+    extract = ['extract', '--out', out, '--n', '48', '--batch-size', '16', '--save-every', '1', '--eval-n', '16']
+    oar.main(extract + ['--orders', f'{out}/straight.pt'])
+    real_generate, calls = oar.generate, []
+
+    def sigterm_in_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_generate(*a, **k)
+    monkeypatch.setattr(oar, 'generate', sigterm_in_second_batch)
+    with pytest.raises(SystemExit) as e:
+        oar.main(extract)
+    assert e.value.code == 143 and torch.load(f'{out}/orders.pt', weights_only=True)['filled'].sum() == 16
+    monkeypatch.setattr(oar, 'generate', real_generate)
+    oar.main(extract)
+    resumed, straight = (torch.load(f'{out}/{n}.pt', weights_only=True) for n in ('orders', 'straight'))
+    assert torch.equal(resumed['orders'], straight['orders']) and torch.equal(resumed['test_orders'], straight['test_orders'])
+
+
+def run_cli(argv, **kw):
+    return subprocess.Popen([sys.executable, 'oar.py', *argv], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigterm_and_early_ctrl_c_of_the_real_command(tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path)
+    job = run_cli(['train', '--out', out, '--order', 'any', '--steps', '1000000', '--ckpt', f'{out}/long.pt', *TINY])
+    assert 'parameters' in job.stdout.readline()  # the header: the loop starts
+    import time
+    time.sleep(1.0)
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 143 and 'interrupted at step' in stdout and 'Traceback' not in stderr, stderr
+    assert torch.load(f'{out}/long.pt', weights_only=True)['step'] > 0 and not os.path.exists(f'{out}/long.pt.lock')
+    job = run_cli(['sample', '--out', out])  # Ctrl-C while torch is still being imported
+    time.sleep(0.3)
+    job.send_signal(signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130 and stderr.count('\n') == 1 and 'nothing was written' in stderr, stderr
+
+
+def test_failed_writes_keep_the_old_file_and_print_the_row(tiny_ft_run, tmp_path, monkeypatch, capsys):
+    out = copy_run(tiny_ft_run, tmp_path)
+    png = f'{out}/s.png'
+    sample = ['sample', '--out', out, '--ckpt', f'{out}/any.pt', '--n', '4', '--png', png]
+    oar.main(sample)
+    before = tree_hashes(out)
+    real_save = Image.Image.save
+
+    def full_disk(im, f, *a, **k):  # half a PNG, then the disk is full
+        f.write(b'\x89PNG half')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(Image.Image, 'save', full_disk)
+    err = run_error(sample, capsys)
+    assert 'No space left' in err and 'previous file is unchanged' in err and err.count('\n') == 1, err
+    assert tree_hashes(out) == before  # the old picture intact, no temporary file left
+    monkeypatch.setattr(Image.Image, 'save', real_save)
+    # a results file that cannot be written: the finished row is on the screen and in results.json
+    evaluate = ['eval', '--out', out, '--n', '4', '--ref-n', '16', '--inception', tiny_ft_run['inception'],
+                f'{out}/any.pt:random']
+    oar.main(evaluate)
+    md = Path(out, 'results.md').read_text()
+    real_write = oar.write_text
+    monkeypatch.setattr(oar, 'write_text', lambda path, text: real_write(path, text) if not path.endswith('.md') else
+                        (_ for _ in ()).throw(oar.OARError(f"could not write {path} (Read-only file system)")))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        oar.main(evaluate + ['--seeds', '1'])
+    printed = capsys.readouterr()
+    assert e.value.code == 2 and '| any.pt | random | 1 | 4 |' in printed.out and printed.err.count('\n') == 1
+    assert Path(out, 'results.md').read_text() == md
+    assert [r['seed'] for r in json.loads(Path(out, 'results.json').read_text())] == [0, 1]
+
+
+def test_locks_refuse_a_live_job_and_take_over_a_dead_one(tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path)
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    lock = dict(pid=dead.pid, host=socket.gethostname(), command='a killed job', since='then')
+    Path(f'{out}/any.pt.lock').write_text(json.dumps(lock))
+    oar.main(['train', '--out', out, '--order', 'any', '--resume', '--steps', '42', *TINY])
+    assert torch.load(f'{out}/any.pt', weights_only=True)['step'] == 42 and not os.path.exists(f'{out}/any.pt.lock')
+    with oar.locked(f'{out}/x.pt'):
+        assert json.loads(Path(f'{out}/x.pt.lock').read_text())['pid'] == os.getpid()
+        job = run_cli(['train', '--out', out, '--order', 'any', '--ckpt', f'{out}/x.pt', *TINY])
+        _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 2 and f'process {os.getpid()}' in stderr and stderr.count('\n') == 1, stderr
+    assert not os.path.exists(f'{out}/x.pt') and not os.path.exists(f'{out}/x.pt.lock')
+
+
+def test_a_moved_run_folder_resumes(tiny_ft_run, tmp_path, capsys):
+    moved = str(tmp_path / 'elsewhere' / 'run')
+    shutil.copytree(tiny_ft_run['out'], moved)  # a copy at another path: nothing may point back to the old one
+    shutil.rmtree(tmp_path / 'elsewhere')
+    shutil.move(copy_run(tiny_ft_run, tmp_path), moved)
+    capsys.readouterr()
+    oar.main(['extract', '--out', moved, '--n', '32', '--batch-size', '16', '--eval-n', '16'])
+    assert 'extracted' not in capsys.readouterr().out.split('held-out')[0]  # the moved orders.pt is complete
+    oar.main(['finetune', '--out', moved, '--steps', '3', '--batch-size', '8', '--eval-n', '16', '--warmup', '1',
+              '--resume'])
+    assert torch.load(f'{moved}/oar.pt', weights_only=True)['step'] == 3
+    for positions in ('head', 'layout', 'extractor'):
+        oar.main(['sample', '--out', moved, '--ckpt', f'{moved}/oar.pt', '--n', '2', '--positions', positions])
+
+
+def test_the_token_cache_records_its_data(tiny_ft_run, tmp_path):
+    out = copy_run(tiny_ft_run, tmp_path)
+    args = oar.build_parser().parse_args(['inpaint', '--out', out])
+    meta = oar.load_tokens(args, build=False)['meta']
+    ds = oar.run_dataset(args, meta)  # no --data: the folder the cache was made from, not the default search
+    assert ds['dir'] == os.path.abspath(tiny_ft_run['data']) and ds['id'] == meta['data_id']
+    other = oar.open_dataset(tiny_ft_run['data2'], None)
+    assert other['id'] != ds['id']
+    copy = shutil.copytree(tiny_ft_run['data'], tmp_path / 'copy')  # the same images elsewhere are the same data
+    assert oar.run_dataset(oar.build_parser().parse_args(['inpaint', '--out', out, '--data', str(copy)]), meta)['id'] == ds['id']
+
+
+def test_summary_pools_only_rows_of_equal_settings(tmp_path):
+    row = lambda seed, fid, **settings: dict(model='m.pt', order='oar', seed=seed, n=4, fid=fid, kid=0.0, kid_std=0.0,
+                                             jump=1.0, diversity=0.3, bits=2.0, settings=dict(dict(temperature=1), **settings))
+    rows = [row(0, 10), row(1, 12), row(0, 50, temperature=0.3), row(1, 14), row(0, 11, reference='other.npz')]
+    Path(tmp_path, 'results.json').write_text(json.dumps(rows))
+    lines = [line for line in oar.write_summary(str(tmp_path)).splitlines() if line.startswith('| m.pt')]
+    assert len(lines) == 3  # default temperature; 0.3; another reference
+    assert lines[0].startswith('| m.pt | oar | 2 | 4 | 12.00 ± 2.83 |')  # seed 1 measured twice: the latest row, 14
+    assert '| 1 | 4 | 50.00 |' in lines[1] and '| 1 | 4 | 11.00 |' in lines[2]
+
+
+def test_sixteen_bit_images_and_masks_keep_their_range(tmp_path):
+    grey = np.full((8, 8), 128 * 257, dtype=np.uint16)
+    grey[:, 4:] = 65535
+    Image.fromarray(grey).save(tmp_path / 'g16.png')
+    assert Image.open(tmp_path / 'g16.png').mode.startswith('I')
+    images, kept, bad = oar.load_images([str(tmp_path / 'g16.png')], 8)
+    assert bad == 0 and images[0, 0, 0, 0] == 128 and images[0, 0, 0, 7] == 255
+    half = np.zeros((8, 8), dtype=np.uint16)
+    half[:, 4:] = 40000  # white enough (above half of 65535) on the right: generate there
+    Image.fromarray(half).save(tmp_path / 'm16.png')
+    assert oar.mask_grid(str(tmp_path / 'm16.png'), 2, 2).tolist() == [False, True, False, True]
+
+
+def test_train_sh_checks_its_sizes_and_runs_once_per_folder(tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = lambda **env: subprocess.run(['bash', 'train.sh'], cwd=here, capture_output=True, text=True, timeout=60,
+                                       env=dict(os.environ, OUT=str(tmp_path / 'o'), PYTHON=sys.executable, **env))
+    r = run(STEPS='abc')
+    assert r.returncode == 2 and r.stderr == 'error: STEPS=abc is not a whole number\n' and not (tmp_path / 'o').exists()
+    (tmp_path / 'o').mkdir()
+    holder = subprocess.Popen(['flock', str(tmp_path / 'o' / 'train.sh.lock'), 'sleep', '30'])
+    try:
+        import time
+        for _ in range(100):
+            if (tmp_path / 'o' / 'train.sh.lock').exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        r = run(STEPS='1')
+        assert r.returncode == 2 and 'another train.sh is running' in r.stderr and r.stderr.count('\n') == 1, r.stderr
+    finally:
+        holder.kill()
 
 
 def test_fid_refuses_non_finite_statistics():
@@ -737,7 +999,7 @@ def test_orders_of_another_score_or_extractor_are_refused(tiny_run, tmp_path, ca
     oar.main(extract)
     assert torch.load(f'{out}/orders.pt', weights_only=True)['setting']['score'] == 'confidence'  # the default
     err = run_error(extract + ['--score', 'likelihood'], capsys)
-    assert 'with --score confidence' in err and 'another --orders' in err and err.count('\n') == 1
+    assert 'with --score confidence' in err and 'another file' in err and err.count('\n') == 1
     finetune = ['finetune', '--out', out, '--steps', '2', '--batch-size', '8', '--eval-n', '16', '--warmup', '1',
                 '--pos-head', 'none']  # the any-order model's config, so that `train --resume` reaches the order check
     oar.main(finetune)
@@ -782,7 +1044,8 @@ def test_orders_file_errors_and_older_format(tiny_run, tmp_path, capsys):
     err = run_error(['finetune', '--out', out, '--orders', str(tmp_path / 'none.pt'), '--steps', '1'], capsys)
     assert 'run \'python oar.py extract\' first' in err
     # a file from before sharding counted finished rows with `done`: read as a mask of the first `done` rows
-    torch.save(dict(orders=torch.zeros(4, 16, dtype=torch.int16), done=2, setting={}, tokens='x'), tmp_path / 'old.pt')
+    torch.save(dict(orders=torch.arange(16, dtype=torch.int16).repeat(4, 1), done=2, setting={}, tokens='x'),
+               tmp_path / 'old.pt')
     assert oar.read_orders(str(tmp_path / 'old.pt'))['filled'].tolist() == [True, True, False, False]
 
 
@@ -1117,8 +1380,8 @@ def test_quick_pipeline_fills_every_row(tmp_path):
     assert '| oar.pt | oar positions head | 2 |' in summary and ' ± ' in summary
     steps = [line for line in (out / 'results.md').read_text().splitlines() if line.startswith('| ') and len(line.split('|')) == 4]
     assert len(steps) >= 17  # a wall time for every step
-    assert (out / 'samples_oar_oar_head.gif').exists() and (out / 'eval_oar_oar_positions_head_seed0_orders.png').exists()
-    assert (out / 'inpaint_any_centre.png').exists() and (out / 'samples_any_cond_oar_classes_cfg2.png').exists()
+    assert (out / 'samples_oar_oar_positions_head.gif').exists() and (out / 'eval_oar_oar_positions_head_seed0_orders.png').exists()
+    assert (out / 'inpaint_any_centre.png').exists() and (out / 'samples_any_cond_oar_cfg_2_classes.png').exists()
 
 
 # ----------------------------------------------------------------------------- several processes (torchrun, gloo on a CPU)
@@ -1283,7 +1546,7 @@ def test_class_sampling_cli_and_errors(tiny_run, tmp_path, capsys, monkeypatch):
     out = copy_run(tiny_run, tmp_path)
     oar.main(['train', '--out', out, '--classes', '--steps', '5', *TINY, '--ckpt', f'{out}/cond.pt'])
     codes, _ = oar.main(['sample', '--out', out, '--ckpt', f'{out}/cond.pt', '--n', '20', '--cfg', '2'])
-    assert codes.shape == (20, 16) and os.path.exists(f'{out}/samples_cond_oar_classes_cfg2.png')
+    assert codes.shape == (20, 16) and os.path.exists(f'{out}/samples_cond_oar_cfg_2_classes.png')
     seen, real_generate = [], oar.generate
     monkeypatch.setattr(oar, 'generate', lambda *a, **k: seen.append((k['labels'], k['guidance'])) or real_generate(*a, **k))
     oar.main(['sample', '--out', out, '--ckpt', f'{out}/cond.pt', '--n', '4', '--class', '3'])

@@ -33,10 +33,19 @@ else
   : "${MODEL:=}"; FIT=()
   : "${STEPS:=2000}" "${FT_STEPS:=700}" "${N_EXTRACT:=5000}" "${N_FID:=300}" "${REF_N:=2000}" "${SEEDS:=0 1 2}" "${EVAL_N:=1000}" "${MIX:=0.25}"
 fi
+for v in STEPS FT_STEPS N_EXTRACT N_FID REF_N EVAL_N; do  # a typo ends here, in one line, before any work
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v=${!v} is not a whole number" >&2; exit 2; }
+done
+[[ $MIX =~ ^(0(\.[0-9]+)?|1(\.0*)?|\.[0-9]+)$ ]] || { echo "error: MIX=$MIX is not a share between 0 and 1" >&2; exit 2; }
+[[ $SEEDS =~ ^[0-9]+( +[0-9]+)*$ ]] || { echo "error: SEEDS=\"$SEEDS\" is not a list of whole numbers" >&2; exit 2; }
 read -r -a SEEDS <<< "$SEEDS"
 read -r -a MODEL <<< "$MODEL"
 REF=(--ref-n "$REF_N")
 mkdir -p "$OUT"
+# one pipeline per folder: a second one started by mistake stops here; the lock ends with the process, however it ends
+exec 9>>"$OUT/train.sh.lock"
+flock -n 9 || { echo "error: another train.sh is running in $OUT (process $(cat "$OUT/train.sh.lock")): wait for it, or use another OUT" >&2; exit 2; }
+echo $$ > "$OUT/train.sh.lock"
 : > "$OUT/timings.md"
 
 step() {  # step NAME COMMAND...: run it, time it, stop the pipeline at the first failure
