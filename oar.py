@@ -715,7 +715,7 @@ def extract(args):
     codes = data['train'].flatten(1)
     labels, test_labels = ((data['train_labels'].long(), data['test_labels'].long()[:args.eval_n]) if model.cfg.n_class
                            else (None, None))  # a class-conditional model explains each image given its class
-    n = min(args.n or len(codes), len(codes))
+    n = min(args.count or len(codes), len(codes))
     setting = dict(ckpt=relative_to(args.ckpt, args.orders), weights=weights_id(model.state_dict()), lam=args.lam,
                    score=args.score, n=n)  # the extractor recorded by content and by a path that survives a move
     of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
@@ -1077,7 +1077,7 @@ def distill(args):
         print(f"== round {r} of {args.rounds}: extract with {prev} -> {orders}; fine-tune it -> {ckpt}")
         # extraction with distill's data flags and extraction flags, and extract's defaults for the rest
         extract(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, eval_n=args.eval_n, ckpt=prev,
-                                   orders=orders, n=args.n, lam=args.lam, score=args.score, chunk=args.chunk,
+                                   orders=orders, count=args.count, lam=args.lam, score=args.score, chunk=args.chunk,
                                    **EXTRACT_DEFAULTS))
         finetune(argparse.Namespace(**{**vars(args), 'order': 'extracted', 'init': prev, 'orders': orders, 'ckpt': ckpt}))
         files.append((prev, orders, ckpt))
@@ -1582,18 +1582,6 @@ def run_dataset(args, meta):
     return ds
 
 
-def load_dataset(data_dir, image_size):
-    """The whole dataset in memory: dict(name, classes, train, train_labels, test, test_labels)."""
-    ds = open_dataset(data_dir, image_size)
-    out, bad = dict(name=ds['name'], classes=ds['classes']), 0
-    for split in ('train', 'test'):
-        out[split], out[split + '_labels'], n_bad = ds[split].read(0, len(ds[split]))
-        bad += n_bad
-    if bad:
-        print(f"skipped {bad} unreadable image file(s) in {data_dir}")
-    return out
-
-
 def from_uint8(imgs):
     """uint8 [0, 255] -> float [-1, 1] (0 -> -1, 255 -> 1), the range every tokenizer takes; `to_uint8` undoes it."""
     return imgs.float() / 127.5 - 1
@@ -1846,8 +1834,6 @@ def load_checkpoint(path, meta, cfg=None):
     ckpt = read_ours(path, 'OAR checkpoint')
     if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
         raise OARError(f"{path} is not an OAR checkpoint")
-    if ckpt.get('order') == 'any':  # written when random orders were called 'any' in training
-        ckpt['order'] = 'random'
     if ckpt['tokens'] != tokens_id(meta):
         raise OARError(f"{path} was trained on other tokens ({ckpt['tokens']}) than the token cache of "
                        f"{meta['data']} ({tokens_id(meta)}): use the --out it was trained in")
@@ -1962,8 +1948,6 @@ def read_orders(path, N=None):
     of = read_ours(path, 'orders file')
     if not isinstance(of, dict) or 'orders' not in of:
         raise OARError(f"{path} is not an orders file: delete it and extract again")
-    if 'filled' not in of:  # written before extraction was sharded: its first `done` rows are filled
-        of['filled'] = torch.arange(len(of['orders'])) < of.pop('done')
     try:
         filled = of['orders'][of['filled']]
     except (IndexError, RuntimeError, TypeError):
@@ -2092,31 +2076,27 @@ def saved_on_ctrl_c(save, message):
 
 def bench(args):
     """Speed on this device, measured side by side in one run, for the CPU default and a paper-sized config:
-    training tokens/s (and its share of the measured matmul FLOP/s; the same transformer with one plain
-    position table for the encoding's cost), sampling in raster and OAR order (token evaluations against the
-    strict need), extraction with burst scoring and with the naive recompute; peak memory of each. Then the
-    levers: each speed-up measured off and on (`--compile` adds torch.compile, which takes a while to build)."""
+    training tokens/s (its share of the measured matmul FLOP/s, and the same transformer with one plain position
+    table for the dual encoding's cost), sampling by each position rule (images/s and token evaluations per
+    image), extraction with burst scoring and with the naive recompute; peak memory of each."""
     dev = pick_device(args.device)
     flops = matmul_flops(dev)
     print(f"device {dev}: large-matmul throughput {flops / 1e12:.2f} TFLOP/s "
           f"({'bf16' if dev.type == 'cuda' else 'float32'})")
-    paper = (dict(n_layer=12, n_head=12, n_embd=768, batch=64) if dev.type == 'cuda'  # about 100M parameters on a GPU,
-             else dict(n_layer=4, n_head=4, n_embd=128, batch=8))   # small on a CPU, at the batch of 8 that must fit 24 GiB
+    paper = (dict(n_layer=12, n_head=12, n_embd=768, batch=64) if dev.type == 'cuda'  # ~100M parameters on a GPU,
+             else dict(n_layer=4, n_head=4, n_embd=128, batch=8))  # small on a CPU, at a batch that fits 24 GiB
     configs = dict(default=dict(grid=7, vocab=256, n_layer=4, n_head=4, n_embd=128, batch=64),
                    paper=dict(grid=16, vocab=1024, **paper))
     results = []
     for name in (['default', 'paper'] if args.config == 'both' else [args.config]):
         c = dict(configs[name], **({'batch': args.batch} if args.batch else {}))
-        rows, levers = bench_config(c, dev, flops, args.repeat, args.compile)
-        print(f"\n{name}: {c['grid']}x{c['grid']} grid, codebook {c['vocab']}, {c['n_layer']} layers x {c['n_embd']}, "
-              f"batch {c['batch']}, {rows[0]['params'] / 1e6:.1f}M parameters")
+        rows = bench_config(c, dev, flops, args.repeat)
+        print(f"\n{name}: {c['grid']}x{c['grid']} grid, codebook {c['vocab']}, {c['n_layer']} layers x "
+              f"{c['n_embd']}, batch {c['batch']}, {rows[0]['params'] / 1e6:.1f}M parameters")
         print('| what | value | unit | peak memory (MiB) |\n|---|---|---|---|')
         for r in rows:
             print(f"| {r['what']} | {r['value']:,.2f} | {r['unit']} | {r['peak_mib']:,.0f} |")
-        print('\n| lever: before -> after | before | after | unit | speed-up |\n|---|---|---|---|---|')
-        for r in levers:
-            print(f"| {r['what']} | {r['before']:,.2f} | {r['after']:,.2f} | {r['unit']} | {r['speedup']:.2f}x |")
-        results.append(dict(config=name, **c, device=str(dev), matmul_flops=flops, rows=rows, levers=levers))
+        results.append(dict(config=name, **c, device=str(dev), matmul_flops=flops, rows=rows))
     write_text(args.json, json.dumps(results, indent=1))
     print(f"\nsaved {args.json}")
     return results
@@ -2203,66 +2183,41 @@ def naive_extract(model, codes):
     return order
 
 
-def bench_config(c, dev, flops, repeat, compile=False):
-    """The figures of one config: (rows, levers). A lever is one speed-up measured off (before) and on (after)."""
-    cuda = dev.type == 'cuda'
-    B, N, g, rows, levers = c['batch'], c['grid'] ** 2, torch.Generator().manual_seed(0), [], []
+def bench_config(c, dev, flops, repeat):
+    """The figures of one config: a list of rows (what, value, unit, peak memory)."""
+    B, N, g, rows = c['batch'], c['grid'] ** 2, torch.Generator().manual_seed(0), []
     codes = torch.randint(0, c['vocab'], (B, N), generator=g).to(dev)
 
     def row(what, value, unit, **extra):
         rows.append(dict(what=what, value=value, unit=unit, peak_mib=peak_mib(dev), **extra))
         peak_mib(dev, reset=True)
 
-    def lever(what, before, after, unit):
-        levers.append(dict(what=what, before=before, after=after, unit=unit, speedup=after / before))
-
     def model_for(cls=OAR, pos_head='none'):
         torch.manual_seed(0)
         return cls(GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
                              n_head=c['n_head'], n_embd=c['n_embd'], pos_head=pos_head)).to(dev)
 
-    def train_step(cls=OAR, fused=cuda, compiled=False, precision='bf16' if cuda else 'fp32'):
-        """The training step `train` runs (by default: fused AdamW and bf16 on CUDA), or a variant of it."""
+    def train_step(cls):  # the step `train` runs: AdamW (fused on CUDA), bf16 autocast on CUDA
         model = model_for(cls).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-        fwd = torch.compile(model) if compiled else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == 'cuda')
 
         def step():
-            torch.backends.cuda.matmul.allow_tf32 = precision != 'fp32'
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
-                loss = order_loss(fwd, codes, random_orders(B, N, g).to(dev))
+            with autocast(dev):
+                loss = order_loss(model, codes, random_orders(B, N, g).to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         step.params = sum(p.numel() for p in model.parameters())
         return step
 
-    steps = dict(default=train_step(), plain=train_step(PlainGPT), other_optimizer=train_step(fused=not cuda))
-    if cuda:
-        steps.update(fp32=train_step(precision='fp32'), tf32=train_step(precision='tf32'))
-    elif dev.type == 'cpu':
-        steps['bf16'] = train_step(precision='bf16')
-    if compile:
-        steps['compiled'] = train_step(compiled=True)
+    # training: the dual encoding against one plain position table, timed in turn
+    steps = dict(dual=train_step(OAR), plain=train_step(PlainGPT))
     rate = {k: B * N / s for k, s in race(steps, dev, repeat).items()}
-    torch.backends.cuda.matmul.allow_tf32 = cuda  # pick_device's setting
-    default = steps.pop('default')
-    steps.clear()                                  # frees the variants: the peak below is the default step's
-    peak_mib(dev, reset=True)
-    default()
-    tps, params = rate['default'], default.params
+    tps, params = rate['dual'], steps['dual'].params
     row(f"train, dual encoding ({100 * 6 * params * tps / flops:.1f}% of matmul peak); "
         f"{100 * (1 - tps / rate['plain']):+.1f}% slower than one position table", tps, 'tokens/s',
         params=params, mfu=6 * params * tps / flops)
-    lever('train: AdamW for-each -> fused', *((rate['other_optimizer'], tps) if cuda else (tps, rate['other_optimizer'])),
-          'tokens/s')
-    if cuda:
-        lever('train: float32 -> TF32 matmuls', rate['fp32'], rate['tf32'], 'tokens/s')
-        lever('train: TF32 -> bf16 autocast', rate['tf32'], tps, 'tokens/s')
-    elif dev.type == 'cpu':
-        lever('train: float32 -> bf16 autocast (train --bf16)', tps, rate['bf16'], 'tokens/s')
-    if compile:
-        lever('train: eager -> torch.compile (--compile)', tps, rate['compiled'], 'tokens/s')
+    del steps
 
     # sampling by each position rule, timed in turn; token evaluations = queries entering the first block
     model = model_for().eval()
@@ -2285,23 +2240,14 @@ def bench_config(c, dev, flops, repeat, compile=False):
     row("sample oar, own confidence: token evaluations / strict need",
         evals["oar, own confidence (the paper's rule)"] / need, 'ratio')
 
-    def extract_rate(n, **kw):
-        """Images/s of teacher-forced extraction of the first n images (one timed run for the slow variants)."""
-        return n / timed(lambda: generate(model, n, teacher=codes[:n], score='likelihood', **kw), dev,
-                         repeat if n == B else 1)
-
-    burst_ips = extract_rate(B)
-    row('extract, burst scoring', burst_ips, 'images/s')
+    # extraction: burst scoring on the KV cache against the naive recompute of the prefix per candidate
+    burst = B / timed(lambda: generate(model, B, teacher=codes, score='likelihood'), dev, repeat)
+    row('extract, burst scoring', burst, 'images/s')
     nb = max(1, B // 8)  # the naive recompute is O(N^3): fewer images, one repetition
-    naive_ips = nb / timed(lambda: naive_extract(model, codes[:nb]), dev, 1)
-    row('extract, naive recompute', naive_ips, 'images/s')
-    row(f'extract burst / naive (target N/4 = {N / 4:.0f})', burst_ips / naive_ips, 'ratio')
-    lever('extract: naive recompute -> burst scoring with the KV cache', naive_ips, burst_ips, 'images/s')
-    lever(f"extract {nb} image{'s' * (nb > 1)}: one candidate per forward -> chunk from the free memory",
-          extract_rate(nb, chunk=1), extract_rate(nb, chunk=None), 'images/s')
-    one = nb / timed(lambda: [generate(model, 1, teacher=codes[i:i + 1], score='likelihood') for i in range(nb)], dev, 1)
-    lever(f'extract: one image at a time -> batches of {B}', one, burst_ips, 'images/s')
-    return rows, levers
+    naive = nb / timed(lambda: naive_extract(model, codes[:nb]), dev, 1)
+    row('extract, naive recompute', naive, 'images/s')
+    row(f'extract burst / naive (target N/4 = {N / 4:.0f})', burst / naive, 'ratio')
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------- command line
@@ -2383,9 +2329,8 @@ def build_parser():
 
     s = sub.add_parser('train', parents=[data], formatter_class=fmt, help='train on raster or random orders')
     trainer_flags(s, steps=3000, lr=2e-3, min_lr=1e-4, warmup=100)
-    s.add_argument('--order', default='random', type=lambda kind: 'random' if kind == 'any' else kind,
-                   choices=['random', 'raster', 'local'],
-                   help="random (also spelt any, the paper's any-order training): a fresh random order per image; "
+    s.add_argument('--order', default='random', choices=['random', 'raster', 'local'],
+                   help="random (the paper's any-order training): a fresh random order per image; "
                         "raster: the baseline; local: random walks of short jumps")
     s.add_argument('--local-scale', type=ranged(float, 0, above=True), default=1.0,
                    help='--order local: each step goes to free position j with probability ~ exp(-distance / scale)')
@@ -2424,8 +2369,8 @@ def build_parser():
     s = sub.add_parser('extract', parents=[data], formatter_class=fmt, help='extract a greedy order per training image')
     s.add_argument('--ckpt', default=None, help='any-order checkpoint (default: OUT/any.pt)')
     s.add_argument('--orders', default=None, help='where to save the orders (default: OUT/orders.pt)')
-    s.add_argument('--n', '--count', type=COUNT, default=0,
-                   help='extract for the first N training images (0: all); under torchrun write --count, which it does not take for its own --nnodes')
+    s.add_argument('--count', type=COUNT, default=0,
+                   help='extract for the first COUNT training images (0: all)')
     s.add_argument('--eval-n', type=POS, default=1000, help='held-out test images for the report')
     s.add_argument('--lam', type=NONNEG, default=0.1, help='distance regularization: score - lam * jump')
     s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
@@ -2509,7 +2454,7 @@ def build_parser():
     finetune_flags(s)
     s.add_argument('--rounds', type=POS, default=2, help='rounds of extract + fine-tune')
     s.add_argument('--init', default=None, help='any-order checkpoint of round 1 (default: OUT/any.pt)')
-    s.add_argument('--n', '--count', type=COUNT, default=0, help='extract for the first N training images (0: all)')
+    s.add_argument('--count', type=COUNT, default=0, help='extract for the first COUNT training images (0: all)')
     s.add_argument('--lam', type=NONNEG, default=0.1, help='extraction: distance regularization')
     s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
                    help='extraction score (see extract --help; likelihood leaks the image)')
@@ -2523,7 +2468,6 @@ def build_parser():
     s.add_argument('--batch', type=POS, default=None,
                    help='images per batch for every config (default: 64 for default; paper: 64 on a GPU, 8 on a CPU)')
     s.add_argument('--json', default='bench.json', help='where to write the figures as JSON')
-    s.add_argument('--compile', action='store_true', help='also measure training with torch.compile (slow to build)')
     s.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
     s.set_defaults(func=bench)
     return p

@@ -61,8 +61,8 @@ if [ "$PART" != v2 ]; then
 if [ ! -f "$OUT/tokens.pt" ]; then step tokenize $PY oar.py tokenize --out "$OUT" "${FIT[@]}"; fi
 # the raster baseline gets the any-order model's budget plus fine-tuning's: the same number of steps in all
 step "train raster" $PY oar.py train --out "$OUT" --order raster --steps $((STEPS + FT_STEPS)) "${MODEL[@]}" --eval-n $EVAL_N --resume
-step "train any-order" $PY oar.py train --out "$OUT" --order any --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
-step extract $PY oar.py extract --out "$OUT" --n $N_EXTRACT --eval-n $EVAL_N
+step "train any-order" $PY oar.py train --out "$OUT" --order random --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
+step extract $PY oar.py extract --out "$OUT" --count $N_EXTRACT --eval-n $EVAL_N
 # four fine-tunings of any.pt, FT_STEPS each, on the same extracted orders: the paper's (no position head); ours,
 # with a position head (the finetune defaults: oar.pt, sampled by its head, one model); the paper's with a share
 # MIX of random orders (ours: does it rescue the paper's own rule?); and random orders only, so that the
@@ -85,10 +85,10 @@ fi
 
 if [ "$PART" != core ]; then
 EVAL=($PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --eval-n $EVAL_N "${REF[@]}")
-step "train class-conditional" $PY oar.py train --out "$OUT" --order any --classes --ckpt "$OUT/any_cond.pt" \
+step "train class-conditional" $PY oar.py train --out "$OUT" --order random --classes --ckpt "$OUT/any_cond.pt" \
   --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
 step "train local" $PY oar.py train --out "$OUT" --order local --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
-step "distill round 2" $PY oar.py distill --out "$OUT" --rounds 2 --n $N_EXTRACT --steps $FT_STEPS --eval-n $EVAL_N --resume
+step "distill round 2" $PY oar.py distill --out "$OUT" --rounds 2 --count $N_EXTRACT --steps $FT_STEPS --eval-n $EVAL_N --resume
 step "sample (pictures, v2)" bash -c "for cfg in 1 2; do
     $PY oar.py sample --out '$OUT' --ckpt '$OUT/any_cond.pt' --order oar --n 60 --cfg \$cfg || exit 1; done
   $PY oar.py sample --out '$OUT' --ckpt '$OUT/local.pt' --order oar --n 64 &&
