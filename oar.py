@@ -443,92 +443,55 @@ def train(args):
 
 
 def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extractor=None):
-    """The training loop of `train` and `finetune`: set the learning rate, evaluate, draw a batch of images and
-    their orders, forward and backward, clip, step, log, checkpoint. `orders` (n, N): the extracted order of each
-    training image (fine-tuning, from the weights `init`); without them `make_orders` draws fresh ones by --order.
-    Under torchrun every process draws the same global batch and trains on its share; DDP averages the gradients."""
+    """The training loop of `train` and `finetune`, in nanoGPT's shape: evaluate now and then, set the learning
+    rate, draw a batch of images and their orders, forward and backward, clip, step, log, checkpoint.
+    `orders` (n, N): the extracted order of each training image (fine-tuning, from the weights `init`); without
+    them `make_orders` draws fresh ones by --order. Under torchrun every process draws the same global batch and
+    trains on its share; DDP averages the gradients."""
     rank, world, dev = procs
-    n_train, n_test = (len(data['train']), args.eval_n) if orders is None else (len(orders), len(test_orders))
-    codes, labels = data['train'].flatten(1)[:n_train], data['train_labels'].long()          # (n, N), (n,)
-    test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
-    if not cfg.n_class:
-        labels = test_labels = None
-    scale = getattr(args, 'local_scale', 1.0)
-    mix = getattr(args, 'mix', 0.0)                                       # fine-tuning only
+    codes, labels, test, test_labels = training_images(data, cfg, args.eval_n, orders, test_orders)
     pos_weight = getattr(args, 'pos_weight', 0.0) if cfg.pos_head != 'none' else 0.0
-    ckpt = resumed_checkpoint(args, data['meta'], cfg, extractor)
-    step = ckpt['step'] if ckpt else 0
-    torch.manual_seed(args.seed)  # the initial weights
-    model = OAR(cfg).to(dev)
-    groups = []  # weight decay on the matrices only; a fresh position head at --pos-lr-scale times the rate
-    for head in (False, True):
-        params = [p for name, p in model.named_parameters() if name.startswith(POSITION_HEAD) == head]
-        rate = getattr(args, 'pos_lr_scale', 1.0) if head else 1.0
-        groups += [dict(params=ps, weight_decay=wd, lr_scale=rate) for ps, wd in
-                   (([p for p in params if p.dim() >= 2], args.weight_decay), ([p for p in params if p.dim() < 2], 0.0)) if ps]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=dev.type == 'cuda')
-    if ckpt:
-        model.load_state_dict(ckpt['model'])
-        opt.load_state_dict(ckpt['optim'])
-    elif init is not None:  # an any-order model gets a fresh position head; a head it has but cfg lacks is dropped
-        missing, unexpected = model.load_state_dict(init, strict=False)
-        if [k for k in missing + unexpected if not k.startswith(POSITION_HEAD)]:
-            raise OARError(f"--init does not fit this model: missing {missing}, unexpected {unexpected}")
+    model, opt, step = start_training(args, data['meta'], cfg, dev, init, extractor)
     fwd = DDP(model) if world > 1 else model  # averages the gradients of all processes in backward
     fwd = torch.compile(fwd) if args.compile else fwd
-    if rank == 0:
-        H, W = cfg.grid_h, cfg.grid_w
-        local = (f" (scale {scale}, training orders' mean jump "
-                 f"{mean_jump(local_orders(256, H, W, scale, torch.Generator().manual_seed(0)), W):.2f})"
-                 if args.order == 'local' else '')
-        print(f"{args.order} order{local}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(codes)} images of {H}x{W} codes"
-              f"{f', {cfg.n_class} classes (label dropout {args.label_drop})' if cfg.n_class else ''}, "
-              f"device {dev}{f' x {world} processes' if world > 1 else ''}")
-
-    def save(step, loss=None):
-        if rank == 0:  # one writer: every process holds the same weights
-            save_checkpoint(args.ckpt, model, loss, optim=opt.state_dict(), config=asdict(cfg), step=step,
-                            order=args.order, local_scale=scale, tokens=tokens_id(data['meta']),
-                            orders=relative_to(args.orders, args.ckpt) if orders is not None else None,
-                            extractor=extractor,  # fine-tuned: its orders, by a path that survives a moved folder
-                            mix=mix, pos_weight=pos_weight)
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
     mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
-    t0, tokens_seen = time.time(), 0
+    record = dict(config=asdict(cfg), order=args.order, local_scale=getattr(args, 'local_scale', 1.0),
+                  tokens=tokens_id(data['meta']), extractor=extractor, mix=getattr(args, 'mix', 0.0),
+                  orders=relative_to(args.orders, args.ckpt) if orders is not None else None, pos_weight=pos_weight)
+
+    def save(step, loss=None):  # one writer: every process holds the same weights
+        if rank == 0:
+            save_checkpoint(args.ckpt, model, loss, optim=opt.state_dict(), step=step, **record)
+
+    if rank == 0:
+        print(describe_training(args, model, len(codes), dev, world))
+    os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
+    t0, first = time.time(), step
     with saved_on_ctrl_c(lambda: save(step), lambda: f"interrupted at step {step}: saved {args.ckpt}; rerun the "
                                                      f"same command with --resume to continue"), \
             tqdm(total=args.steps, initial=step, desc=f'train {args.order}', disable=rank > 0) as bar:
         while step < args.steps:
+            # now and then, the held-out bits per token under the orders trained on
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps - 1):
-                bits = heldout_bits(model, test, args.order, orders=test_orders, labels=test_labels, scale=scale)
-                where = ('' if not pos_weight else '; position head: {:.3f} bits/token of the order, top-1 agreement '
-                         '{:.3f}'.format(*heldout_positions(model, test, test_orders, test_labels)))
-                bar.write(f"step {step}: held-out {bits:.3f} bits/token ({args.order} order){where}")
+                bar.write(f"step {step}: {heldout_report(model, test, args.order, test_orders, test_labels, record)}")
+            # the learning rate: linear warm-up, then cosine decay (a position head at its own multiple)
             for group in opt.param_groups:
                 group['lr'] = lr_at(step, args) * group.get('lr_scale', 1.0)
+            # the batch of this step and its orders: a function of the step, so that a resumed run draws the same
             model.train()
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # batch of step s is a function of s: exact resume
-            idx = torch.randint(len(codes), (args.batch_size,), generator=g)   # the global batch, the same in every process
-            order = make_orders(args.order, idx, cfg, g, orders, scale)       # (B, N)
-            learn = None                                                       # rows whose positions the head learns
-            if mix:  # fine-tuning on a mix (ours): a share of the images on fresh random orders, the rest extracted
-                rand = torch.rand(len(idx), generator=g) < mix
-                order, learn = torch.where(rand[:, None], random_orders(len(idx), cfg.n_pos, g), order), ~rand
-            if labels is not None:  # label dropout: the null class (last START row) teaches the unconditional model
-                y = labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_drop, cfg.n_class)
+            x, order, y, learn = training_batch(args, cfg, step, codes, labels, orders)
+            # forward and backward on this process's share; every process stops together on a NaN
             with autocast(dev, args.bf16):
-                loss = order_loss(fwd, codes[idx[mine]].to(dev), order[mine].to(dev),
-                                  None if labels is None else y[mine].to(dev), pos_weight,
-                                  None if learn is None else learn[mine])
+                loss = order_loss(fwd, x[mine].to(dev), order[mine].to(dev), None if y is None else y[mine].to(dev),
+                                  pos_weight, None if learn is None else learn[mine])
             loss_seen = mean_finite_loss(loss, world, step, args.ckpt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            # clip the gradient norm, step
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             step += 1
-            tokens_seen += args.batch_size * cfg.n_pos
+            # log, and checkpoint now and then
             bar.update(1)
             bar.set_postfix(loss=f'{loss_seen / math.log(2):.3f} bits')
             if step % args.save_every == 0:
@@ -539,15 +502,86 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
         dist.destroy_process_group()
         if rank > 0:
             return model
-    if tokens_seen:
+    if step > first:
         dt = time.time() - t0
-        print(f"{tokens_seen / dt:,.0f} training tokens/s ({dt:.0f}s on {dev}{f' x {world}' if world > 1 else ''})")
-    bits = heldout_bits(model, test, args.order, orders=test_orders, labels=test_labels, scale=scale)
-    print(f"final held-out {bits:.3f} bits/token ({args.order} order); "
+        print(f"{(step - first) * args.batch_size * cfg.n_pos / dt:,.0f} training tokens/s ({dt:.0f}s on {dev}"
+              f"{f' x {world}' if world > 1 else ''})")
+    print(f"final {heldout_report(model, test, args.order, test_orders, test_labels, record, head=False)}; "
           f"unigram entropy {unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
     if orders is not None:  # the fine-tuned model under the orders the any-order model extracted for the test images
         print(order_report(model.eval(), test, test_orders, labels=test_labels))
     return model
+
+
+def training_images(data, cfg, eval_n, orders=None, test_orders=None):
+    """(codes (n, N), classes (n,) or None, held-out codes, their classes): every training image, or the ones
+    with an extracted order; the first --eval-n test images, or the ones with an extracted test order."""
+    n_train, n_test = (len(data['train']), eval_n) if orders is None else (len(orders), len(test_orders))
+    labels, test_labels = data['train_labels'].long(), data['test_labels'].long()[:n_test]
+    return (data['train'].flatten(1)[:n_train], labels if cfg.n_class else None,
+            data['test'].flatten(1)[:n_test], test_labels if cfg.n_class else None)
+
+
+def start_training(args, meta, cfg, dev, init=None, extractor=None):
+    """(model, AdamW, first step): a resumed checkpoint, or seeded weights (an `init` state dict to start from:
+    an any-order model gets a fresh position head, and a head it has but cfg lacks is dropped). Weight decay on
+    the matrices only; a position head learns at --pos-lr-scale times the rate."""
+    ckpt = resumed_checkpoint(args, meta, cfg, extractor)
+    torch.manual_seed(args.seed)  # the initial weights
+    model = OAR(cfg).to(dev)
+    groups = []
+    for head in (False, True):
+        params = [p for name, p in model.named_parameters() if name.startswith(POSITION_HEAD) == head]
+        rate = getattr(args, 'pos_lr_scale', 1.0) if head else 1.0
+        groups += [dict(params=ps, weight_decay=wd, lr_scale=rate) for ps, wd in
+                   (([p for p in params if p.dim() >= 2], args.weight_decay),
+                    ([p for p in params if p.dim() < 2], 0.0)) if ps]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=dev.type == 'cuda')
+    if ckpt:
+        model.load_state_dict(ckpt['model'])
+        opt.load_state_dict(ckpt['optim'])
+    elif init is not None:
+        missing, unexpected = model.load_state_dict(init, strict=False)
+        if [k for k in missing + unexpected if not k.startswith(POSITION_HEAD)]:
+            raise OARError(f"--init does not fit this model: missing {missing}, unexpected {unexpected}")
+    return model, opt, ckpt['step'] if ckpt else 0
+
+
+def training_batch(args, cfg, step, codes, labels=None, orders=None):
+    """The global batch of `step` (the same in every process): codes (B, N), orders (B, N), classes after label
+    dropout (or None), and the rows whose positions a position head learns (None: all). Drawn from a generator
+    seeded by the step alone, so that a resumed run trains on exactly the batches it would have."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    idx = torch.randint(len(codes), (args.batch_size,), generator=g)
+    order = make_orders(args.order, idx, cfg, g, orders, getattr(args, 'local_scale', 1.0))    # (B, N)
+    learn, y, mix = None, None, getattr(args, 'mix', 0.0)
+    if mix:  # fine-tuning on a mix (ours): a share of the images on fresh random orders, the rest extracted
+        rand = torch.rand(len(idx), generator=g) < mix
+        order, learn = torch.where(rand[:, None], random_orders(len(idx), cfg.n_pos, g), order), ~rand
+    if labels is not None:  # label dropout: the null class (last START row) teaches the unconditional model
+        y = labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_drop, cfg.n_class)
+    return codes[idx], order, y, learn
+
+
+def heldout_report(model, test, kind, test_orders, test_labels, record, head=True):
+    """'held-out 2.563 bits/token (extracted order)', and with a position head its order bits and agreement."""
+    bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels, scale=record['local_scale'])
+    where = ('' if not (head and record['pos_weight']) else '; position head: {:.3f} bits/token of the order, '
+             'top-1 agreement {:.3f}'.format(*heldout_positions(model, test, test_orders, test_labels)))
+    return f"held-out {bits:.3f} bits/token ({kind} order){where}"
+
+
+def describe_training(args, model, n, dev, world):
+    """The line `train` and `finetune` start with: the orders, the model's size, the data, the device."""
+    cfg = model.cfg
+    if args.order == 'local':  # how local: the mean jump of 256 seeded orders at this scale
+        walks = local_orders(256, cfg.grid_h, cfg.grid_w, args.local_scale, torch.Generator().manual_seed(0))
+    local = f" (scale {args.local_scale}, training orders' mean jump {mean_jump(walks, cfg.grid_w):.2f})" \
+        if args.order == 'local' else ''
+    return (f"{args.order} order{local}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"{n} images of {cfg.grid_h}x{cfg.grid_w} codes"
+            f"{f', {cfg.n_class} classes (label dropout {args.label_drop})' if cfg.n_class else ''}, "
+            f"device {dev}{f' x {world} processes' if world > 1 else ''}")
 
 
 # ---------------------------------------------------------------- 4. fine-tuning on the extracted orders: the same loop
