@@ -738,51 +738,36 @@ def sample_token(logits, temperature=1.0, top_k=0, generator=None):
 # -------------------------------------------------------------------------------------------------- 6. order extraction
 
 def extract(args):
-    """Teacher-forced greedy order for every training image (or the first --n), resumable batch by batch,
+    """Teacher-forced greedy order for every training image (or the first --count), resumable batch by batch,
     then a held-out report: bits per token and mean jump under extracted, random and raster orders.
     Under torchrun, batch k goes to process k mod world; each writes a shard file and rank 0 merges them."""
     rank, world, dev = dist_setup(args.device)
     data = load_tokens(args, build=False)
     model = load_model(args.ckpt, data['meta'], dev)
     if model.record.get('order') == 'raster':
-        raise OARError(f"{args.ckpt} was trained on raster orders only: extract with an any-order model (train --order any)")
-    codes = data['train'].flatten(1)
-    labels, test_labels = ((data['train_labels'].long(), data['test_labels'].long()[:args.eval_n]) if model.cfg.n_class
-                           else (None, None))  # a class-conditional model explains each image given its class
-    n = min(args.count or len(codes), len(codes))
-    setting = dict(ckpt=relative_to(args.ckpt, args.orders), weights=weights_id(model.state_dict()), lam=args.lam,
-                   score=args.score, n=n)  # the extractor recorded by content and by a path that survives a move
-    of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
-              setting=setting, tokens=tokens_id(data['meta']))
-    merge_orders(of, [args.orders] + sorted(glob.glob(args.orders + '.shard*')))
-    mine = [(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)][rank::world]
-    todo = [(i, j) for i, j in mine if not of['filled'][i:j].all()]
-    shard = args.orders if world == 1 else f"{args.orders}.shard{rank}"
+        raise OARError(f"{args.ckpt} was trained on raster orders only: extract with an any-order model "
+                       f"(train --order random)")
+    codes, labels, test, test_labels = training_images(data, model.cfg, args.eval_n)  # classes: the image's own
+    of, todo, shard = orders_to_extract(args, model, data['meta'], min(args.count or len(codes), len(codes)),
+                                        rank, world)
     t0 = time.time()
-    with saved_on_ctrl_c(lambda: save_atomic(of, shard),
-                         lambda: f"interrupted: {int(of['filled'].sum())} of {n} orders saved in {shard}; rerun to continue"):
+    with saved_on_ctrl_c(lambda: save_atomic(of, shard), lambda: f"interrupted: {int(of['filled'].sum())} of "
+                         f"{len(of['filled'])} orders saved in {shard}; rerun to continue"):
         for k, (i, j) in enumerate(tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)):
+            # each image's greedy order: the best-scored free position, its true token fed, step by step
             _, order = generate(model, j - i, teacher=codes[i:j], score=args.score, lam=args.lam, chunk=args.chunk,
                                 labels=None if labels is None else labels[i:j])
             of['orders'][i:j], of['filled'][i:j] = order.cpu().to(torch.int16), True
+            # every few batches, save: a crash keeps every finished batch
             if (k + 1) % args.save_every == 0 or k == len(todo) - 1:
-                save_atomic(of, shard)  # a crash keeps every finished batch
+                save_atomic(of, shard)
     if todo and rank == 0:
-        print(f"extracted {sum(j - i for i, j in todo)} orders in {time.time() - t0:.0f}s "
-              f"({sum(j - i for i, j in todo) / (time.time() - t0):.1f} images/s{f' on rank 0 of {world}' if world > 1 else ''})")
-    if world > 1:  # rank 0 merges every shard into the one orders file
-        dist.barrier()
-        if rank == 0:
-            merge_orders(of, sorted(glob.glob(args.orders + '.shard*')))
-            save_atomic(of, args.orders)
-            for path in glob.glob(args.orders + '.shard*'):
-                os.remove(path)
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank > 0:
-            return
+        done = sum(j - i for i, j in todo)
+        print(f"extracted {done} orders in {time.time() - t0:.0f}s ({done / (time.time() - t0):.1f} images/s"
+              f"{f' on rank 0 of {world}' if world > 1 else ''})")
+    if world > 1 and not merge_shards(args.orders, of, rank):
+        return
     # held-out report: the same extraction on test images, then their bits per token under each order kind
-    test = data['test'].flatten(1)[:args.eval_n]
     if 'test_orders' not in of:
         _, test_orders = generate(model, len(test), teacher=test, score=args.score, lam=args.lam, chunk=args.chunk,
                                   labels=test_labels, progress=True)
@@ -790,6 +775,33 @@ def extract(args):
     save_atomic(of, args.orders)
     print(order_report(model, test, of['test_orders'].long(), of['orders'].long(), test_labels))
     print(f"saved {args.orders}")
+
+
+def orders_to_extract(args, model, meta, n, rank=0, world=1):
+    """(orders file, batches (i, j) still to extract by this process, the file it saves to). The file records
+    the extraction: the extractor (by its weights, and by a path relative to the orders file, so that a moved
+    run folder resumes), --score, --lam and the count; finished rows of earlier runs and shards are kept."""
+    setting = dict(ckpt=relative_to(args.ckpt, args.orders), weights=weights_id(model.state_dict()), lam=args.lam,
+                   score=args.score, n=n)
+    of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
+              setting=setting, tokens=tokens_id(meta))
+    merge_orders(of, [args.orders] + sorted(glob.glob(args.orders + '.shard*')))
+    mine = [(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)][rank::world]
+    todo = [(i, j) for i, j in mine if not of['filled'][i:j].all()]
+    return of, todo, args.orders if world == 1 else f"{args.orders}.shard{rank}"
+
+
+def merge_shards(path, of, rank):
+    """Under torchrun: rank 0 merges every process's shard into the one orders file at `path`. True on rank 0."""
+    dist.barrier()
+    if rank == 0:
+        merge_orders(of, sorted(glob.glob(path + '.shard*')))
+        save_atomic(of, path)
+        for shard in glob.glob(path + '.shard*'):
+            os.remove(shard)
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank == 0
 
 
 def order_report(model, test, test_orders, train_orders=None, labels=None):
