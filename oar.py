@@ -610,22 +610,37 @@ def finetune(args):
 
 # -------------------------------------------------------------- 5. the one generation loop: burst scoring at every step
 
+@dataclass
+class Sampling:
+    """How `generate` scores positions and draws tokens (the defaults: the paper's score, plain sampling)."""
+    score: str = 'confidence'       # position score: 'confidence' log max_v p, or 'likelihood' log p(true token)
+    lam: float = 0.0                # minus lam times the jump from the current position
+    pos_temperature: float = 0.0    # Gumbel noise of this scale on the position scores (0: the best position)
+    pos_anneal: bool = False        # the position temperature falls linearly to 0 over the steps
+    temperature: float = 1.0        # token temperature (0: greedy)
+    top_k: int = 0                  # sample among the k most likely tokens (0: all)
+    guidance: float = None          # classifier-free guidance scale (None: the plain conditional model)
+    chunk: int = None               # candidates per burst forward (None: from the free memory)
+    generator: torch.Generator = None
+
+
 @torch.no_grad()
-def generate(model, B, order=None, teacher=None, prompt=None, known=None, score='confidence', lam=0.0, temperature=1.0,
-             top_k=0, pos_temperature=0.0, pos_anneal=False, chooser=None, head=False, chunk=None, labels=None,
-             guidance=None, generator=None, progress=False):
+def generate(model, B, order=None, positions=None, teacher=None, prompt=None, known=None, labels=None, how=None,
+             progress=False):
     """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order), (B, N).
+    `how` (a `Sampling`) holds the score, the temperatures, guidance and the generator.
 
     - fixed `order` (B, N): raster or random sampling, the position of each step is given;
     - otherwise every free position j is scored (burst), `score(j) - lam * d(cur, j)`, and the best one taken:
       OAR sampling, or, with `teacher` codes fed instead of samples, order extraction
       (docs/orders.md). `score='confidence'` is log max_v p(v | prefix, next = j), a function of the prefix only;
       `'likelihood'` is log p(true token at j), which needs the teacher and peeks at the content it reveals;
-    - `chooser`: another model scores the positions and `model` only draws the tokens. OAR sampling of a
-      fine-tuned model passes the model that extracted its training orders, so it is sampled along the same kind
-      of orders it was fine-tuned on (the extractor's rule); each model keeps its own KV cache;
-    - `head`: the model's own position head picks each position (ours: one model, one token query per step, and
-      for a 'query' head one where-next query), the most likely free position, or sampled at `pos_temperature`;
+    - `positions` another model (the chooser): it scores the positions and `model` only draws the tokens. OAR
+      sampling of a fine-tuned model passes the model that extracted its training orders, so it is sampled along
+      the same kind of orders it was fine-tuned on (the extractor's rule); each model keeps its own KV cache;
+    - `positions='head'`: the model's own position head picks each position (ours: one model, one token query
+      per step, and for a 'query' head one where-next query), the most likely free position, or sampled at
+      `pos_temperature`;
     - `pos_temperature` T > 0: Gumbel noise of scale T is added to the scores before the argmax (this samples the
       position from softmax(score / T)); with `pos_anneal` the scale falls linearly to 0 over the steps;
     - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order, unchanged;
@@ -633,6 +648,9 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
     - `labels` (B,) classes of a class-conditional model; `guidance` a classifier-free guidance scale s: the
       logits are s * conditional + (1 - s) * unconditional (null class), so s = 1 is the conditional model, s = 0
       the unconditional one. Each half has its own KV cache."""
+    how = how or Sampling()
+    score, lam, guidance, generator = how.score, how.lam, how.guidance, how.generator
+    head, chooser = positions == 'head', positions if isinstance(positions, nn.Module) else None
     cfg, dev = model.cfg, next(model.parameters()).device
     N, W = cfg.n_pos, cfg.grid_w
     chooser = None if chooser is model or order is not None or head else chooser
@@ -640,7 +658,7 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
         raise OARError("this model has no position head: fine-tune it with --pos-head mlp or query")
     if chooser is not None and (chooser.cfg.grid_h, chooser.cfg.grid_w, chooser.cfg.vocab_size) != (cfg.grid_h, W, cfg.vocab_size):
         raise OARError("the position chooser was trained on another grid or codebook than the model")
-    chunk = chunk or auto_chunk(cfg, B, dev)
+    chunk = how.chunk or auto_chunk(cfg, B, dev)
     null = None if guidance is None else torch.full((B,), cfg.n_class, dtype=torch.long, device=dev)
     labels = None if labels is None else labels.to(dev)
     new_cache = lambda m: KVCache(m.cfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
@@ -664,7 +682,7 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
         return logits, h
 
     def best(s, t):  # index (B,) of the best score, or with a position temperature a sample of softmax(s / T)
-        T = pos_temperature * ((1 - (t - P) / (N - P)) if pos_anneal else 1)
+        T = how.pos_temperature * ((1 - (t - P) / (N - P)) if how.pos_anneal else 1)
         if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
             u = torch.rand(s.shape, generator=generator).clamp(1e-12, 1 - 1e-7).to(dev)
             s = s - T * (-u.log()).log()
@@ -704,7 +722,7 @@ def generate(model, B, order=None, teacher=None, prompt=None, known=None, score=
                 logits, h = token_logits(cand)
         pos = cand[rows, pick]
         if teacher is None and t >= P:
-            codes[rows, pos] = sample_token(logits[rows, pick], temperature, top_k, generator)
+            codes[rows, pos] = sample_token(logits[rows, pick], how.temperature, how.top_k, generator)
         for cache in caches:
             cache.commit(pick)
         chosen[:, t], free[rows, pos] = pos, False
@@ -750,13 +768,13 @@ def extract(args):
     codes, labels, test, test_labels = training_images(data, model.cfg, args.eval_n)  # classes: the image's own
     of, todo, shard = orders_to_extract(args, model, data['meta'], min(args.count or len(codes), len(codes)),
                                         rank, world)
-    t0 = time.time()
+    how, t0 = Sampling(score=args.score, lam=args.lam, chunk=args.chunk), time.time()
     with saved_on_ctrl_c(lambda: save_atomic(of, shard), lambda: f"interrupted: {int(of['filled'].sum())} of "
                          f"{len(of['filled'])} orders saved in {shard}; rerun to continue"):
         for k, (i, j) in enumerate(tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)):
             # each image's greedy order: the best-scored free position, its true token fed, step by step
-            _, order = generate(model, j - i, teacher=codes[i:j], score=args.score, lam=args.lam, chunk=args.chunk,
-                                labels=None if labels is None else labels[i:j])
+            _, order = generate(model, j - i, teacher=codes[i:j], labels=None if labels is None else labels[i:j],
+                                how=how)
             of['orders'][i:j], of['filled'][i:j] = order.cpu().to(torch.int16), True
             # every few batches, save: a crash keeps every finished batch
             if (k + 1) % args.save_every == 0 or k == len(todo) - 1:
@@ -769,8 +787,7 @@ def extract(args):
         return
     # held-out report: the same extraction on test images, then their bits per token under each order kind
     if 'test_orders' not in of:
-        _, test_orders = generate(model, len(test), teacher=test, score=args.score, lam=args.lam, chunk=args.chunk,
-                                  labels=test_labels, progress=True)
+        _, test_orders = generate(model, len(test), teacher=test, labels=test_labels, how=how, progress=True)
         of['test_orders'] = test_orders.cpu().to(torch.int16)
     save_atomic(of, args.orders)
     print(order_report(model, test, of['test_orders'].long(), of['orders'].long(), test_labels))
@@ -911,7 +928,8 @@ def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None
     OAR positions are picked by `chooser` (default: the model itself; 'head': its position head; a tensor of
     orders: each sample follows a random one of them) with distance penalty `lam`.
     Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order kind fills the rest."""
-    guidance = guidance_scale(model, args)
+    how = Sampling(lam=lam, temperature=args.temperature, top_k=args.top_k, pos_temperature=args.pos_temperature,
+                   pos_anneal=args.pos_anneal, guidance=guidance_scale(model, args), chunk=args.chunk, generator=generator)
     rest = torch.arange(model.cfg.n_pos) if known is None else (~known).nonzero()[:, 0]  # the positions to fill
     codes, orders = [], []
     for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
@@ -920,12 +938,9 @@ def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None
         if order_kind == 'oar' and isinstance(chooser, torch.Tensor):  # layouts: random training images' orders
             layout = chooser[torch.randint(len(chooser), (b,), generator=generator)]
             fixed = layout[(~known if known is not None else torch.ones(model.cfg.n_pos, dtype=torch.bool))[layout]].view(b, -1)
-        c, o = generate(model, b, order=fixed, lam=lam, temperature=args.temperature, top_k=args.top_k,
-                        pos_temperature=args.pos_temperature, pos_anneal=args.pos_anneal,
-                        chooser=chooser if isinstance(chooser, OAR) else None, head=isinstance(chooser, str),
-                        chunk=args.chunk, generator=generator,
-                        labels=None if labels is None else labels[i:i + b], guidance=guidance,
-                        prompt=None if prompt is None else prompt[i:i + b], known=known)
+        c, o = generate(model, b, order=fixed, positions=None if isinstance(chooser, torch.Tensor) else chooser,
+                        prompt=None if prompt is None else prompt[i:i + b], known=known,
+                        labels=None if labels is None else labels[i:i + b], how=how)
         codes.append(c.cpu())
         orders.append(o.cpu())
     return torch.cat(codes), torch.cat(orders)
@@ -2270,9 +2285,9 @@ def bench_config(c, dev, flops, repeat):
     mlp, query = model_for(pos_head='mlp').eval(), model_for(pos_head='query').eval()
     samplers = {'raster': (lambda: generate(model, B, order=raster_orders(B, N)), [model]),
                 "oar, own confidence (the paper's rule)": (lambda: generate(model, B), [model]),
-                "oar, the extractor's rule (two models)": (lambda: generate(mlp, B, chooser=model), [mlp, model]),
-                'oar, position head mlp': (lambda: generate(mlp, B, head=True), [mlp]),
-                'oar, position head query': (lambda: generate(query, B, head=True), [query])}
+                "oar, the extractor's rule (two models)": (lambda: generate(mlp, B, positions=model), [mlp, model]),
+                'oar, position head mlp': (lambda: generate(mlp, B, positions='head'), [mlp]),
+                'oar, position head query': (lambda: generate(query, B, positions='head'), [query])}
     evals = {}
     for name, (fn, models) in samplers.items():
         with counting_queries(*models) as count:
@@ -2287,7 +2302,7 @@ def bench_config(c, dev, flops, repeat):
         evals["oar, own confidence (the paper's rule)"] / need, 'ratio')
 
     # extraction: burst scoring on the KV cache against the naive recompute of the prefix per candidate
-    burst = B / timed(lambda: generate(model, B, teacher=codes, score='likelihood'), dev, repeat)
+    burst = B / timed(lambda: generate(model, B, teacher=codes, how=Sampling(score='likelihood')), dev, repeat)
     row('extract, burst scoring', burst, 'images/s')
     nb = max(1, B // 8)  # the naive recompute is O(N^3): fewer images, one repetition
     naive = nb / timed(lambda: naive_extract(model, codes[:nb]), dev, 1)

@@ -660,10 +660,10 @@ def is_permutation(orders):
 def test_orders_are_permutations_and_large_lam_is_local():
     model = tiny_model(H=4, W=4)
     codes = torch.randint(0, 11, (6, 16))
-    for kw in (dict(teacher=codes, score='likelihood'), dict(teacher=codes, score='confidence'), dict()):
-        _, order = oar.generate(model, 6, **kw)
+    for teacher, score in ((codes, 'likelihood'), (codes, 'confidence'), (None, 'confidence')):
+        _, order = oar.generate(model, 6, teacher=teacher, how=oar.Sampling(score=score))
         assert is_permutation(order)
-        _, local = oar.generate(model, 6, lam=1e4, **kw)
+        _, local = oar.generate(model, 6, teacher=teacher, how=oar.Sampling(score=score, lam=1e4))
         assert is_permutation(local)
         # a huge lam makes every step after the first go to the nearest free cell: an adjacent one
         # unless the walk is boxed in by cells it already took
@@ -696,7 +696,7 @@ def test_extraction_finds_the_predictable_position():
     codes = torch.randint(0, 8, (256, 9))
     codes[:, 5] = 7
     model = fit_random_orders(codes)
-    _, order = oar.generate(model, 32, teacher=codes[:32], score='likelihood')
+    _, order = oar.generate(model, 32, teacher=codes[:32], how=oar.Sampling(score='likelihood'))
     first = (order[:, 0] == 5).float().mean().item()
     assert first > 0.9, f"position 5 placed first in only {first:.0%} of images"
 
@@ -749,7 +749,7 @@ def all_images_probability(model, score, lam=0.1):
     """Sum over every image of a 2 x 2 grid with 3 codes (81 images) of the product of the model's conditionals
     along the order extracted for that image: 1 exactly when the orders are a function of the prefix only."""
     codes = torch.cartesian_prod(*[torch.arange(3)] * 4)                        # (81, 4)
-    _, order = oar.generate(model, len(codes), teacher=codes, score=score, lam=lam)
+    _, order = oar.generate(model, len(codes), teacher=codes, how=oar.Sampling(score=score, lam=lam))
     logp = model(codes, order).log_softmax(-1).gather(2, codes.gather(1, order)[..., None])[..., 0]
     return logp.double().sum(1).exp().sum().item()
 
@@ -768,7 +768,7 @@ def sample_twice(model, chooser, **kw):
     out = []
     for c in (None, chooser):
         g = torch.Generator().manual_seed(0)
-        out.append(oar.generate(model, 8, chooser=c, generator=g, **kw))
+        out.append(oar.generate(model, 8, positions=c, how=oar.Sampling(generator=g, **kw)))
     return out
 
 
@@ -787,10 +787,10 @@ def test_orders_sampled_along_the_extractor_are_its_extraction_of_the_samples(la
     with torch.no_grad():
         extractor.head.weight *= 20
     g = torch.Generator().manual_seed(0)
-    codes, order = oar.generate(tuned, 16, chooser=extractor, lam=lam, generator=g)
-    _, replay = oar.generate(extractor, 16, teacher=codes, score='confidence', lam=lam)  # teacher-forced extraction
+    codes, order = oar.generate(tuned, 16, positions=extractor, how=oar.Sampling(lam=lam, generator=g))
+    _, replay = oar.generate(extractor, 16, teacher=codes, how=oar.Sampling(score='confidence', lam=lam))  # teacher-forced extraction
     assert torch.equal(order, replay), f"{(order != replay).any(1).sum()} of 16 orders differ from the replay"
-    _, own = oar.generate(tuned, 16, teacher=codes, score='confidence', lam=lam)
+    _, own = oar.generate(tuned, 16, teacher=codes, how=oar.Sampling(score='confidence', lam=lam))
     assert not torch.equal(order, own)  # the fine-tuned model's own rule would have chosen other orders
 
 
@@ -800,14 +800,14 @@ def test_inpainting_and_guidance_follow_the_extractor_too():
         extractor.head.weight *= 20
     known, prompt = ~oar.mask_grid('bottom', 3, 3), torch.randint(0, 11, (8, 9))
     g = torch.Generator().manual_seed(0)
-    codes, order = oar.generate(tuned, 8, prompt=prompt, known=known, chooser=extractor, lam=0.1, generator=g)
+    codes, order = oar.generate(tuned, 8, prompt=prompt, known=known, positions=extractor, how=oar.Sampling(lam=0.1, generator=g))
     assert torch.equal(codes[:, known], prompt[:, known])
-    _, replay = oar.generate(extractor, 8, teacher=codes, known=known, score='confidence', lam=0.1)
+    _, replay = oar.generate(extractor, 8, teacher=codes, known=known, how=oar.Sampling(score='confidence', lam=0.1))
     assert torch.equal(order, replay)
     cond, cond_extractor = tiny_conditional_model(seed=1), tiny_conditional_model(seed=0)
     labels = torch.arange(8) % 3
-    codes, order = oar.generate(cond, 8, labels=labels, guidance=2.0, chooser=cond_extractor, generator=g)
-    _, replay = oar.generate(cond_extractor, 8, teacher=codes, labels=labels, score='confidence')
+    codes, order = oar.generate(cond, 8, labels=labels, positions=cond_extractor, how=oar.Sampling(guidance=2.0, generator=g))
+    _, replay = oar.generate(cond_extractor, 8, teacher=codes, labels=labels, how=oar.Sampling(score='confidence'))
     assert torch.equal(order, replay)  # the extractor scores positions given the class, without guidance
 
 
@@ -819,7 +819,7 @@ def test_position_noise_zero_is_argmax_and_noise_varies_the_orders():
     for name, kw in dict(plain={}, zero=dict(pos_temperature=0.0, pos_anneal=True), noisy=dict(pos_temperature=2.0),
                          annealed=dict(pos_temperature=2.0, pos_anneal=True)).items():
         g = torch.Generator().manual_seed(0)
-        runs[name] = oar.generate(model, 32, temperature=0, generator=g, **kw)[1]  # greedy tokens
+        runs[name] = oar.generate(model, 32, how=oar.Sampling(temperature=0, generator=g, **kw))[1]  # greedy tokens
     assert torch.equal(runs['plain'], runs['zero'])
     assert oar.order_diversity(runs['plain']) == 0  # greedy tokens and argmax positions: one order for all
     for name in ('noisy', 'annealed'):
@@ -853,8 +853,9 @@ def test_position_head_gives_used_positions_zero_probability(pos_head):
         hidden = model.burst_features(prev, cur, order[:, t:t + 1], cache)[:, 0]
         cache.commit(torch.zeros(5, dtype=torch.long))
         prev, cur = codes.gather(1, order[:, t:t + 1])[:, 0], order[:, t]
-    for kw in ({}, dict(pos_temperature=1.0), dict(prompt=codes[:, :12], known=~oar.mask_grid('bottom', 3, 4))):
-        _, sampled = oar.generate(model, 5, head=True, generator=torch.Generator().manual_seed(0), **kw)
+    for T, kw in ((0.0, {}), (1.0, {}), (0.0, dict(prompt=codes[:, :12], known=~oar.mask_grid('bottom', 3, 4)))):
+        how = oar.Sampling(pos_temperature=T, generator=torch.Generator().manual_seed(0))
+        _, sampled = oar.generate(model, 5, positions='head', how=how, **kw)
         assert is_permutation(sampled), kw
 
 
@@ -873,7 +874,7 @@ def test_head_trained_on_one_fixed_order_reproduces_it(pos_head):
         loss.backward()
         opt.step()
     model.eval()
-    _, order = oar.generate(model, 16, head=True, generator=torch.Generator().manual_seed(1))
+    _, order = oar.generate(model, 16, positions='head', how=oar.Sampling(generator=torch.Generator().manual_seed(1)))
     assert torch.equal(order, snake.expand(16, -1)), f"{int((order != snake).any(1).sum())} of 16 orders differ"
 
 
@@ -887,10 +888,10 @@ def test_head_sampling_costs_n_token_evaluations(pos_head, per_image):
         if pos_head == 'none':
             oar.generate(model, 3, order=oar.raster_orders(3, 12))
         else:
-            oar.generate(model, 3, head=True)
+            oar.generate(model, 3, positions='head')
     assert count[0] == 3 * per_image
     with oar.counting_queries(model, extractor) as count:
-        oar.generate(model, 3, chooser=extractor)
+        oar.generate(model, 3, positions=extractor)
     assert count[0] == 3 * 12 * 15 // 2
     with oar.counting_queries(extractor) as count:
         oar.generate(extractor, 3)
@@ -1024,7 +1025,7 @@ def test_fine_tuned_model_samples_along_its_extractor(tiny_run, tmp_path, capsys
     assert 'picked by any.pt, lam 0.2' in capsys.readouterr().out
     data = oar.load_tokens(oar.build_parser().parse_args(['sample', '--out', out]), build=False)
     extractor = oar.load_model(f'{out}/any.pt', data['meta'], 'cpu')
-    _, replay = oar.generate(extractor, 6, teacher=codes, score='confidence', lam=0.2)
+    _, replay = oar.generate(extractor, 6, teacher=codes, how=oar.Sampling(score='confidence', lam=0.2))
     assert torch.equal(orders, replay)
     oar.main(sample + ['--positions', 'self'])
     assert 'picked by the model itself, lam 0' in capsys.readouterr().out
@@ -1437,11 +1438,11 @@ def test_two_processes_train_like_one_and_shard_extraction(tiny_run, tmp_path):
 def test_chunked_burst_equals_unchunked(chunk):
     model = tiny_model(H=4, W=4)
     codes = torch.randint(0, 11, (3, 16))
-    whole = oar.generate(model, 3, teacher=codes, score='likelihood', chunk=10 ** 6)[1]
-    assert torch.equal(oar.generate(model, 3, teacher=codes, score='likelihood', chunk=chunk)[1], whole)
+    whole = oar.generate(model, 3, teacher=codes, how=oar.Sampling(score='likelihood', chunk=10 ** 6))[1]
+    assert torch.equal(oar.generate(model, 3, teacher=codes, how=oar.Sampling(score='likelihood', chunk=chunk))[1], whole)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    a = oar.generate(model, 3, chunk=10 ** 6, generator=g1)
-    b = oar.generate(model, 3, chunk=chunk, generator=g2)
+    a = oar.generate(model, 3, how=oar.Sampling(chunk=10 ** 6, generator=g1))
+    b = oar.generate(model, 3, how=oar.Sampling(chunk=chunk, generator=g2))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -1470,7 +1471,7 @@ def test_naive_recompute_extracts_the_orders_of_burst_scoring():
     that burst scoring on the KV cache picks: the cache changes the cost, not the orders."""
     model = tiny_model(H=3, W=4)
     codes = torch.randint(0, 11, (5, 12), generator=torch.Generator().manual_seed(3))
-    burst = oar.generate(model, 5, teacher=codes, score='likelihood')[1]
+    burst = oar.generate(model, 5, teacher=codes, how=oar.Sampling(score='likelihood'))[1]
     naive = oar.naive_extract(model, codes)
     assert torch.equal(naive, burst), f"{int((naive != burst).sum())} of {naive.numel()} positions differ"
 
@@ -1519,7 +1520,7 @@ def test_guidance_scale_one_is_conditional_and_zero_is_unconditional(order):
 
     def run(y, guidance=None):
         fixed = oar.raster_orders(4, 9) if order == 'raster' else None
-        return oar.generate(model, 4, order=fixed, labels=y, guidance=guidance, generator=torch.Generator().manual_seed(7))
+        return oar.generate(model, 4, order=fixed, labels=y, how=oar.Sampling(guidance=guidance, generator=torch.Generator().manual_seed(7)))
     for (c1, o1), (c2, o2) in ((run(labels), run(labels, guidance=1.0)), (run(null), run(labels, guidance=0.0))):
         assert torch.equal(c1, c2) and torch.equal(o1, o2), f"{(c1 != c2).sum()} codes differ"
     # a large scale changes the samples: the guidance term is really there
@@ -1548,7 +1549,7 @@ def test_class_sampling_cli_and_errors(tiny_run, tmp_path, capsys, monkeypatch):
     codes, _ = oar.main(['sample', '--out', out, '--ckpt', f'{out}/cond.pt', '--n', '20', '--cfg', '2'])
     assert codes.shape == (20, 16) and os.path.exists(f'{out}/samples_cond_oar_cfg_2_classes.png')
     seen, real_generate = [], oar.generate
-    monkeypatch.setattr(oar, 'generate', lambda *a, **k: seen.append((k['labels'], k['guidance'])) or real_generate(*a, **k))
+    monkeypatch.setattr(oar, 'generate', lambda *a, **k: seen.append((k['labels'], k['how'].guidance)) or real_generate(*a, **k))
     oar.main(['sample', '--out', out, '--ckpt', f'{out}/cond.pt', '--n', '4', '--class', '3'])
     oar.main(['sample', '--out', out, '--ckpt', f'{out}/cond.pt', '--n', '12', '--cfg', '1.5'])
     assert seen[0][0].tolist() == [3] * 4 and seen[0][1] is None  # scale 1: the conditional model, one pass
@@ -1574,7 +1575,7 @@ def test_inpainting_keeps_known_codes_and_fills_each_masked_cell_once():
         fill = oar.mask_grid(name, 4, 4)
         rest = fill.nonzero()[:, 0]
         for fixed in (rest.expand(5, -1), rest[oar.random_orders(5, len(rest), g)], None):
-            codes, order = oar.generate(model, 5, order=fixed, prompt=prompt, known=~fill, generator=g)
+            codes, order = oar.generate(model, 5, order=fixed, prompt=prompt, known=~fill, how=oar.Sampling(generator=g))
             P = int((~fill).sum())
             assert torch.equal(codes[:, ~fill], prompt[:, ~fill]), name            # known codes untouched
             assert torch.equal(order[:, :P], (~fill).nonzero()[:, 0].expand(5, -1))  # fed first, in raster order
@@ -1590,7 +1591,7 @@ def test_inpainting_uses_the_known_codes():
     model = fit_random_orders(codes)
     fill = oar.mask_grid('bottom', 3, 3)
     g = torch.Generator().manual_seed(0)
-    filled, _ = oar.generate(model, 32, prompt=codes[:32], known=~fill, generator=g)
+    filled, _ = oar.generate(model, 32, prompt=codes[:32], known=~fill, how=oar.Sampling(generator=g))
     right = (filled[:, fill] == codes[:32, fill]).float().mean().item()
     assert right > 0.9, f"only {right:.0%} of filled cells match the known code"
 
