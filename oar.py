@@ -689,49 +689,37 @@ class Sampling:
 
 
 @torch.no_grad()
-def generate(model, B, order=None, positions=None, teacher=None, prompt=None, known=None, labels=None, how=None,
-             progress=False):
-    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes,
-    order), (B, N). `how` (a `Sampling`) holds the score, the temperatures, guidance and the
-    generator.
+def generate(model, B, order=None, positions=None, teacher=None, prompt=None, known=None, labels=None,
+             how=None, progress=False):
+    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order),
+    each (B, N). `how` (a `Sampling`) holds the score, the temperatures, guidance and the generator.
 
-    - fixed `order` (B, N): raster or random sampling, the position of each step is given;
-    - otherwise every free position j is scored (burst), `score(j) - lam * d(cur, j)`, and the best
-      one taken: OAR sampling, or, with `teacher` codes fed instead of samples, order extraction
-      (docs/orders.md). `score='confidence'` is log max_v p(v | prefix, next = j), a function of the
-      prefix only; `'likelihood'` is log p(true token at j), which needs the teacher and peeks at
-      the content it reveals;
-    - `positions` another model (the chooser): it scores the positions and `model` only draws the
-      tokens. OAR sampling of a fine-tuned model passes the model that extracted its training
-      orders, so it is sampled along the same kind of orders it was fine-tuned on (the extractor's
-      rule); each model keeps its own KV cache;
-    - `positions='head'`: the model's own position head picks each position (ours: one model, one
-      token query per step, and for a 'query' head one where-next query), the most likely free
-      position, or sampled at `pos_temperature`;
-    - `pos_temperature` T > 0: Gumbel noise of scale T is added to the scores before the argmax
-      (this samples the position from softmax(score / T)); with `pos_anneal` the scale falls
-      linearly to 0 over the steps;
-    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order,
-      unchanged; then the rest is filled as above (a fixed `order` is then (B, N - known.sum()), the
-      order of the rest);
-    - `labels` (B,) classes of a class-conditional model; `guidance` a classifier-free guidance
-      scale s: the logits are s * conditional + (1 - s) * unconditional (null class), so s = 1 is
-      the conditional model, s = 0 the unconditional one. Each half has its own KV cache."""
+    - a fixed `order` (B, N): raster or random sampling, the position of each step is given;
+    - otherwise every free position j is scored at once (burst), `score(j) - lam * d(cur, j)`, and the best
+      taken (`position_scores`): OAR sampling, or with `teacher` codes fed instead of samples, order
+      extraction (docs/orders.md);
+    - `positions` another model (the chooser): it scores the positions, and `model` only draws the tokens (the
+      extractor's rule, ours; each model keeps its own KV cache); `positions='head'`: the model's own position
+      head picks each position (ours: one token query per step);
+    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order; then the
+      rest is filled as above (a fixed `order` is then the order of the rest);
+    - `labels` (B,): the classes of a class-conditional model; with `how.guidance` s the logits are
+      s * conditional + (1 - s) * unconditional (the null class), each half with its own KV cache."""
     how = how or Sampling()
-    score, lam, guidance, generator = how.score, how.lam, how.guidance, how.generator
-    head, chooser = positions == 'head', positions if isinstance(positions, nn.Module) else None
     cfg, dev = model.cfg, next(model.parameters()).device
-    N, W = cfg.n_pos, cfg.grid_w
-    chooser = None if chooser is model or order is not None or head else chooser
+    N, W, rows = cfg.n_pos, cfg.grid_w, torch.arange(B, device=dev)
+    head = positions == 'head'
+    chooser = positions if isinstance(positions, nn.Module) and positions is not model and order is None else None
     if head and cfg.pos_head == 'none':
         raise OARError("this model has no position head: fine-tune it with --pos-head mlp or query")
-    if chooser is not None and (chooser.cfg.grid_h, chooser.cfg.grid_w, chooser.cfg.vocab_size) != (cfg.grid_h, W, cfg.vocab_size):
+    if chooser is not None and (chooser.cfg.grid_h, chooser.cfg.grid_w, chooser.cfg.vocab_size) != \
+            (cfg.grid_h, W, cfg.vocab_size):
         raise OARError("the position chooser was trained on another grid or codebook than the model")
     chunk = how.chunk or auto_chunk(cfg, B, dev)
-    null = None if guidance is None else torch.full((B,), cfg.n_class, dtype=torch.long, device=dev)
+    null = None if how.guidance is None else torch.full((B,), cfg.n_class, dtype=torch.long, device=dev)
     labels = None if labels is None else labels.to(dev)
     new_cache = lambda m: KVCache(m.cfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
-    caches = [new_cache(model) for _ in range(1 if guidance is None else 2)]
+    caches = [new_cache(model) for _ in range(1 if how.guidance is None else 2)]
     chooser_cache = None if chooser is None else new_cache(chooser)
     first = torch.zeros(0, dtype=torch.long, device=dev) if known is None else known.to(dev).nonzero()[:, 0]
     P = len(first)                                  # steps that feed the prompt's known codes
@@ -739,69 +727,76 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     codes = given.clone().to(dev) if given is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
     chosen = torch.zeros(B, N, dtype=torch.long, device=dev)
     free = torch.ones(B, N, dtype=torch.bool, device=dev)
-    prev = torch.full((B,), -1, device=dev)  # START
-    cur = torch.full((B,), N, device=dev)    # START's virtual centre
-    rows = torch.arange(B, device=dev)
+    prev, cur = torch.full((B,), -1, device=dev), torch.full((B,), N, device=dev)  # START, at the centre N
 
-    # next-token logits (B, K, V) at each candidate, with guidance if asked; hidden states
-    def token_logits(cand):
+    def token_logits(cand):  # next-token logits (B, K, V) at each candidate, with guidance if asked; hidden
         h = model.burst_features(prev, cur, cand, caches[0], labels, chunk)
         logits = model.head(h).float()
-        if guidance is not None:
-            logits = logits * guidance + model.burst(prev, cur, cand, caches[1], null, chunk).float() * (1 - guidance)
+        if how.guidance is not None:
+            uncond = model.burst(prev, cur, cand, caches[1], null, chunk).float()
+            logits = logits * how.guidance + uncond * (1 - how.guidance)
         return logits, h
-
-    # index (B,) of the best score, or with a position temperature a sample of softmax(s / T)
-    def best(s, t):
-        T = how.pos_temperature * ((1 - (t - P) / (N - P)) if how.pos_anneal else 1)
-        if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
-            u = torch.rand(s.shape, generator=generator).clamp(1e-12, 1 - 1e-7).to(dev)
-            s = s - T * (-u.log()).log()
-        return s.argmax(1)
 
     def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
         if cand.size(1) == 1:
             return torch.zeros(B, dtype=torch.long, device=dev)
-        logp = logits.log_softmax(-1)
-        if score == 'likelihood':  # log p of the true token at each candidate (needs the teacher)
-            s = logp.gather(2, codes.gather(1, cand)[..., None])[..., 0]
-        else:                      # the model's own confidence: log max_v p(v)
-            s = logp.max(-1).values
-        if t > 0 and lam:
-            s = s - lam * grid_distance(cur[:, None], cand, W)
-        return best(s, t)
+        return best_index(position_scores(logits, cand, codes, cur, how, W, t), how, (t - P) / (N - P))
 
-    # the final hidden state of the last step's token query: what an 'mlp' position head reads
-    hidden = None
+    hidden = None  # the final hidden state of the last step's token query: what an 'mlp' position head reads
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
         with autocast(dev):
+            # this step's candidate positions: one when it is given, every free one when they are scored
             if t < P:                                               # a known code of the prompt
                 cand = first[t].expand(B, 1)
             elif order is not None:                                 # a given order
                 cand = order[:, t - P:t - P + 1].to(dev)
-            # the position head: one position (B, 1)
-            elif head:
-                where = model.position_logits(prev, cur, hidden, caches[0], labels).masked_fill(~free, float('-inf'))
-                cand = best(where, t)[:, None]
+            elif head:                                              # the position head picks one
+                where = model.position_logits(prev, cur, hidden, caches[0], labels)
+                cand = best_index(where.masked_fill(~free, float('-inf')), how, (t - P) / (N - P))[:, None]
             else:                                                   # every free position: (B, K)
                 cand = free.nonzero()[:, 1].view(B, N - t)
+            # burst: the next-token logits at every candidate; the best-scored candidate is picked
             if chooser is None:  # one burst: the same logits score the positions and draw the token
                 logits, h = token_logits(cand)
                 pick = choose(logits, cand, t)
-            # the chooser's burst picks the position; the model then sees only that one
-            else:
+            else:                # the chooser's burst picks the position; the model then sees only that one
                 pick = choose(chooser.burst(prev, cur, cand, chooser_cache, labels, chunk).float(), cand, t)
                 chooser_cache.commit(pick)
                 cand, pick = cand.gather(1, pick[:, None]), torch.zeros_like(pick)
                 logits, h = token_logits(cand)
+        # the token there: drawn (or, explaining a teacher, its own); the step joins the KV caches
         pos = cand[rows, pick]
         if teacher is None and t >= P:
-            codes[rows, pos] = sample_token(logits[rows, pick], how.temperature, how.top_k, generator)
+            codes[rows, pos] = sample_token(logits[rows, pick], how.temperature, how.top_k, how.generator)
         for cache in caches:
             cache.commit(pick)
         chosen[:, t], free[rows, pos] = pos, False
         prev, cur, hidden = codes[rows, pos], pos, h[rows, pick].float()
     return codes, chosen
+
+
+def position_scores(logits, cand, codes, cur, how, W, t):
+    """(B, K) scores of the candidate next positions `cand` from their next-token logits (B, K, V): the model's
+    own confidence log max_v p(v), a function of the prefix only (or with score='likelihood' log p of the true
+    token, which needs the teacher and peeks at the content it reveals), minus lam times the jump from `cur`
+    after the first step (t > 0)."""
+    logp = logits.log_softmax(-1)
+    if how.score == 'likelihood':
+        s = logp.gather(2, codes.gather(1, cand)[..., None])[..., 0]
+    else:
+        s = logp.max(-1).values
+    return s - how.lam * grid_distance(cur[:, None], cand, W) if t > 0 and how.lam else s
+
+
+def best_index(s, how, progress):
+    """(B,) index of the best of the scores s (B, K); at a position temperature T > 0 Gumbel noise of scale T is
+    added first, which samples softmax(s / T). With pos_anneal, T falls linearly to 0 as `progress` goes from 0
+    to 1."""
+    T = how.pos_temperature * ((1 - progress) if how.pos_anneal else 1)
+    if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
+        u = torch.rand(s.shape, generator=how.generator).clamp(1e-12, 1 - 1e-7).to(s.device)
+        s = s - T * (-u.log()).log()
+    return s.argmax(1)
 
 
 def auto_chunk(cfg, B, device, share=0.25):
@@ -1171,21 +1166,7 @@ def inpaint(args):
     if args.fid and args.image:
         raise OARError("--fid measures completed test images: leave out --image")
     net = load_inception(args.inception, dev) if args.fid else None
-    if args.image:
-        images, _, bad = load_images(args.image, data['meta']['image_size'])
-        if bad:
-            raise OARError(f"{bad} of the --image files could not be read as images")
-        if data['meta']['tokenizer']['channels'] == 1:
-            images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
-        codes = torch.cat([tok.encode(from_uint8(images[i:i + 32]).to(dev)).cpu() for i in range(0, len(images), 32)])
-        labels = None
-        if model.cfg.n_class:  # the --class given, or else the null class
-            labels = (torch.full((len(images),), model.cfg.n_class) if args.label is None
-                      else class_labels(model, len(images), args.label))
-    else:
-        images = run_dataset(args, data['meta'])['test'].read(0, args.n)[0]
-        codes = data['test'][:len(images)]
-        labels = data['test_labels'].long()[:len(images)] if model.cfg.n_class else None
+    images, codes, labels = inpaint_inputs(args, data, tok, model, dev)
     codes, n, P = codes.flatten(1).long(), len(images), int((~fill).sum())
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1223,6 +1204,26 @@ def inpaint(args):
                 seconds=time.time() - t0, grid=stem + '.png', settings=dict(reference=os.path.basename(ref['path'])))])
         print(write_summary(args.out))
     return done
+
+
+def inpaint_inputs(args, data, tok, model, dev):
+    """inpaint's images (n, C, S, S) uint8, their codes and classes: the --image files, encoded (classes: --class,
+    or the null class), or the first --n test images of the token cache's data (classes: their own)."""
+    if not args.image:
+        images = run_dataset(args, data['meta'])['test'].read(0, args.n)[0]
+        labels = data['test_labels'].long()[:len(images)] if model.cfg.n_class else None
+        return images, data['test'][:len(images)], labels
+    images, _, bad = load_images(args.image, data['meta']['image_size'])
+    if bad:
+        raise OARError(f"{bad} of the --image files could not be read as images")
+    if data['meta']['tokenizer']['channels'] == 1:
+        images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
+    codes = torch.cat([tok.encode(from_uint8(images[i:i + 32]).to(dev)).cpu() for i in range(0, len(images), 32)])
+    labels = None
+    if model.cfg.n_class:  # the --class given, or else the null class
+        labels = (torch.full((len(images),), model.cfg.n_class) if args.label is None
+                  else class_labels(model, len(images), args.label))
+    return images, codes, labels
 
 
 def distill(args):
@@ -1495,12 +1496,8 @@ def evaluate(args):
     print(f"reference: {ref['path']}, {len(ref['feats'])} test images ({time.time() - t0:.0f}s)")
     H, W = data['meta']['grid']
     rows = []
-    if args.recon:
-        t0 = time.time()
-        images = decode(tok, data['test'][:args.n].flatten(1), H, W)
-        rows.append(dict(model='tokenizer', order='reconstruction', seed='-', n=len(images),
-                         **image_scores(net, images, ref, dev, 'inception (recon)'), jump=None, diversity=None,
-                         bits=None, seconds=time.time() - t0, settings=dict(reference=os.path.basename(ref['path']))))
+    if args.recon:  # the floor: the tokenizer's own reconstructions of --n test images
+        rows.append(recon_row(tok, data['test'][:args.n].flatten(1), H, W, net, ref, dev))
         write_results(args.out, rows[-1:])
     for path, order_kind, model, chooser, lam, rule, test_orders in runs:
         # finetune --mix 1: random orders
@@ -1539,6 +1536,14 @@ def evaluate(args):
             rows.append(row)
     print(write_summary(args.out))
     return rows
+
+
+def recon_row(tok, codes, H, W, net, ref, dev):
+    """The results row of the tokenizer's reconstructions of `codes` (n, N): the FID floor of every model."""
+    t0, images = time.time(), decode(tok, codes, H, W)
+    return dict(model='tokenizer', order='reconstruction', seed='-', n=len(images),
+                **image_scores(net, images, ref, dev, 'inception (recon)'), jump=None, diversity=None, bits=None,
+                seconds=time.time() - t0, settings=dict(reference=os.path.basename(ref['path'])))
 
 
 @contextlib.contextmanager
