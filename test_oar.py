@@ -198,10 +198,10 @@ def test_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
     oar.main(args + ['--ckpt', f'{out}/whole.pt'])
     real_lr = oar.lr_at
 
-    def interrupt_at_3(step, a):  # Ctrl-C arrives during step 3
+    def interrupt_at_3(step, *schedule):  # Ctrl-C arrives during step 3
         if step == 3:
             raise KeyboardInterrupt
-        return real_lr(step, a)
+        return real_lr(step, *schedule)
     monkeypatch.setattr(oar, 'lr_at', interrupt_at_3)
     with pytest.raises(SystemExit) as e:
         oar.main(args + ['--ckpt', f'{out}/cut.pt'])
@@ -474,7 +474,8 @@ def test_sigterm_saves_like_ctrl_c_and_resumes_exactly(tiny_run, tmp_path, monke
     train = ['train', '--out', out, '--order', 'random', '--steps', '6', '--save-every', '100', *TINY]
     oar.main(train + ['--ckpt', f'{out}/whole.pt'])
     real_lr = oar.lr_at
-    monkeypatch.setattr(oar, 'lr_at', lambda step, a: os.kill(os.getpid(), signal.SIGTERM) if step == 3 else real_lr(step, a))
+    monkeypatch.setattr(oar, 'lr_at', lambda step, *schedule: os.kill(os.getpid(), signal.SIGTERM)
+                        if step == 3 else real_lr(step, *schedule))
     with pytest.raises(SystemExit) as e:
         oar.main(train + ['--ckpt', f'{out}/cut.pt'])
     assert e.value.code == 143 and 'interrupted at step 3' in capsys.readouterr().out
@@ -921,7 +922,7 @@ def test_mix_zero_without_head_is_the_plain_fine_tuning(tiny_run, tmp_path):
                             lr=args.lr, betas=(0.9, 0.95))
     for step in range(6):
         for group in opt.param_groups:
-            group['lr'] = oar.lr_at(step, args)
+            group['lr'] = oar.lr_at(step, args.steps, args.lr, args.min_lr, args.warmup)
         model.train()
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         idx = torch.randint(len(codes), (8,), generator=g)
