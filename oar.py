@@ -700,41 +700,34 @@ class Sampling:
 @torch.no_grad()
 def generate(model, B, order=None, positions=None, teacher=None, prompt=None, known=None,
              labels=None, how=None, progress=False):
-    """Generate (or, with `teacher`, explain) B code grids one position at a time. Returns
-    (codes, order), each (B, N). `how` (a `Sampling`) holds the score, the temperatures, guidance
-    and the generator.
+    """Generate (or, with `teacher`, explain) B code grids one position at a time: (codes, order),
+    each (B, N). `how` (a `Sampling`): the score, the temperatures, guidance, the generator.
 
     - a fixed `order` (B, N): raster or random sampling, the position of each step is given;
     - otherwise every free position j is scored at once (burst), `score(j) - lam * d(cur, j)`, and
-      the best taken (`position_scores`): OAR sampling, or with `teacher` codes fed instead of
-      samples, order extraction (docs/orders.md);
-    - `positions` another model (the chooser): it scores the positions, and `model` only draws the
-      tokens (the extractor's rule, ours; each model keeps its own KV cache); `positions='head'`:
-      the model's own position head picks each position (ours: one token query per step);
-    - inpainting: `prompt` codes (B, N) whose positions `known` (N,) are fed first, in raster
-      order; then the rest is filled as above (a fixed `order` is then the order of the rest);
-    - `labels` (B,): the classes of a class-conditional model; with `how.guidance` s the logits
-      are s * conditional + (1 - s) * unconditional (the null class), each with its own KV cache."""
+      the best taken: OAR sampling, or with the `teacher`'s codes fed, order extraction;
+    - `positions`: another model that picks the positions while `model` draws the tokens (the
+      extractor's rule, ours), or 'head', the model's own position head (ours: one query a step);
+    - inpainting: the codes of `prompt` (B, N) at `known` (N,) are fed first, then the rest filled;
+    - `labels` (B,): classes; with `how.guidance` s the logits are s * conditional + (1 - s) *
+      unconditional (the null class), each with its own KV cache."""
     how = how or Sampling()
     cfg, dev = model.cfg, next(model.parameters()).device
     N, W, rows = cfg.n_pos, cfg.grid_w, torch.arange(B, device=dev)
-    head = positions == 'head'
-    chooser = positions if isinstance(positions, nn.Module) and order is None else None
-    chooser = None if chooser is model else chooser
-    check_chooser(model, head, chooser)
+    head, chooser = positions == 'head', position_chooser(model, positions, order)
     chunk = how.chunk or auto_chunk(cfg, B, dev)
     null = None if how.guidance is None else torch.full((B,), cfg.n_class, device=dev)
     labels = None if labels is None else labels.to(dev)
     dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
     caches = [KVCache(cfg, B, dev, dtype) for _ in range(1 if how.guidance is None else 2)]
     chooser_cache = None if chooser is None else KVCache(chooser.cfg, B, dev, dtype)
-    first = (torch.zeros(0, dtype=torch.long, device=dev) if known is None
-             else known.to(dev).nonzero()[:, 0])
-    P = len(first)                                  # steps that feed the prompt's known codes
+    # inpainting: the prompt's known positions, fed first in raster order, one per step
+    first = torch.zeros(N, dtype=torch.bool) if known is None else known
+    first = first.to(dev).nonzero()[:, 0]
+    P = len(first)
     given = teacher if teacher is not None else prompt
-    codes = (given.clone().to(dev) if given is not None
-             else torch.zeros(B, N, dtype=torch.long, device=dev))
-    chosen = torch.zeros(B, N, dtype=torch.long, device=dev)
+    codes = torch.zeros(B, N, dtype=torch.long) if given is None else given.clone()
+    codes, chosen = codes.to(dev), torch.zeros(B, N, dtype=torch.long, device=dev)
     free = torch.ones(B, N, dtype=torch.bool, device=dev)
     # START, at the virtual centre N
     prev, cur = torch.full((B,), -1, device=dev), torch.full((B,), N, device=dev)
@@ -750,8 +743,8 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
         if cand.size(1) == 1:
             return torch.zeros(B, dtype=torch.long, device=dev)
-        scores = position_scores(logits, cand, codes, cur, how, W, t)
-        return best_index(scores, how, (t - P) / (N - P))
+        return best_index(position_scores(logits, cand, codes, cur, how, W, t), how,
+                          (t - P) / (N - P))
 
     hidden = None  # the last step's final hidden state: what an 'mlp' position head reads
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
@@ -789,14 +782,18 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     return codes, chosen
 
 
-def check_chooser(model, head, chooser):
-    """A position head must exist; a chooser must share the model's grid and codebook."""
-    if head and model.cfg.pos_head == 'none':
+def position_chooser(model, positions, order):
+    """The other model that picks the positions (None: the model itself, its head, or a fixed
+    order), checked: a position head must exist; a chooser must share the grid and codebook."""
+    if positions == 'head' and model.cfg.pos_head == 'none':
         raise OARError("this model has no position head: fine-tune it with --pos-head mlp or query")
+    chooser = positions if isinstance(positions, nn.Module) and order is None else None
+    chooser = None if chooser is model else chooser
     shape = lambda m: (m.cfg.grid_h, m.cfg.grid_w, m.cfg.vocab_size)
     if chooser is not None and shape(chooser) != shape(model):
         raise OARError("the position chooser was trained on another grid or codebook than the "
                        "model")
+    return chooser
 
 
 def position_scores(logits, cand, codes, cur, how, W, t):
