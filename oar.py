@@ -657,24 +657,24 @@ def finetune(args):
     checkpoint records which extraction made the orders, so that OAR sampling can follow the same
     rule (`position_rule`)."""
     data, procs = training_data(args)
-    of = load_orders(args.orders, data['meta'])
+    orders_file = load_orders(args.orders, data['meta'])
     init = load_checkpoint(args.init, data['meta'])
     if init.get('order') == 'raster':
         raise OARError(f"--init {args.init} was trained on raster orders only: fine-tune the "
                        f"any-order model that extracted the orders")
-    if of['setting'].get('weights') not in (None, weights_id(init['model'])):
+    if orders_file['setting'].get('weights') not in (None, weights_id(init['model'])):
         raise OARError(f"--init {args.init} is not the model that extracted {args.orders} "
-                       f"(they were {describe_extraction(of['setting'])}): pass that model as "
-                       f"--init, or extract with this one")
+                       f"(they were {describe_extraction(orders_file['setting'])}): pass that "
+                       f"model as --init, or extract with this one")
     # over about 15 passes overfit here: docs/orders.md, 5
-    passes = args.steps * args.batch_size / len(of['orders'])
+    passes = args.steps * args.batch_size / len(orders_file['orders'])
     if procs[0] == 0:
         many = '; many: watch the held-out bits, or extract more orders (--count)'
         print(f"{args.steps} steps of {args.batch_size} images: {passes:.1f} passes over "
-              f"{len(of['orders'])} extracted orders{many if passes > 15 else ''}")
+              f"{len(orders_file['orders'])} extracted orders{many if passes > 15 else ''}")
     cfg = GPTConfig(**{**init['config'], 'pos_head': args.pos_head, 'pos_hidden': args.pos_hidden})
-    return fit(args, data, cfg, procs, init=init['model'], orders=of['orders'].long(),
-               test_orders=of['test_orders'].long(), extractor=of['setting'])
+    return fit(args, data, cfg, procs, init=init['model'], orders=orders_file['orders'].long(),
+               test_orders=orders_file['test_orders'].long(), extractor=orders_file['setting'])
 
 
 # ------------------------------------------ 5. the one generation loop: burst scoring at every step
@@ -724,7 +724,8 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     # inpainting: the prompt's known positions, fed first in raster order, one per step
     first = torch.zeros(N, dtype=torch.bool) if known is None else known
     first = first.to(dev).nonzero()[:, 0]
-    P = len(first)
+    n_known = len(first)
+    progress = lambda t: (t - n_known) / (N - n_known)  # of the steps that choose a position
     given = teacher if teacher is not None else prompt
     codes = torch.zeros(B, N, dtype=torch.long) if given is None else given.clone()
     codes, chosen = codes.to(dev), torch.zeros(B, N, dtype=torch.long, device=dev)
@@ -743,21 +744,20 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
         if cand.size(1) == 1:
             return torch.zeros(B, dtype=torch.long, device=dev)
-        return best_index(position_scores(logits, cand, codes, cur, how, W, t), how,
-                          (t - P) / (N - P))
+        return best_index(position_scores(logits, cand, codes, cur, how, W, t), how, progress(t))
 
     hidden = None  # the last step's final hidden state: what an 'mlp' position head reads
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
         with autocast(dev):
             # this step's candidate positions: one when it is given, every free one to be scored
-            if t < P:                                               # a known code of the prompt
+            if t < n_known:                                         # a known code of the prompt
                 cand = first[t].expand(B, 1)
             elif order is not None:                                 # a given order
-                cand = order[:, t - P:t - P + 1].to(dev)
+                cand = order[:, t - n_known:t - n_known + 1].to(dev)
             elif head:                                              # the position head picks one
                 where = model.position_logits(prev, cur, hidden, caches[0], labels)
                 where = where.masked_fill(~free, float('-inf'))
-                cand = best_index(where, how, (t - P) / (N - P))[:, None]
+                cand = best_index(where, how, progress(t))[:, None]
             else:                                                   # every free position: (B, K)
                 cand = free.nonzero()[:, 1].view(B, N - t)
             # burst: the next-token logits at every candidate; the best-scored one is picked
@@ -772,7 +772,7 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
                 logits, h = token_logits(cand)
         # the token there: drawn (or, explaining a teacher, its own); the step joins the KV caches
         pos = cand[rows, pick]
-        if teacher is None and t >= P:
+        if teacher is None and t >= n_known:
             codes[rows, pos] = sample_token(logits[rows, pick], how.temperature, how.top_k,
                                             how.generator)
         for cache in caches:
@@ -846,43 +846,46 @@ def extract(args):
     rank, world, dev = dist_setup(args.device)
     data = load_tokens(args, build=False)
     model = load_model(args.ckpt, data['meta'], dev)
-    if model.record.get('order') == 'raster':
+    if model.info.get('order') == 'raster':
         raise OARError(f"{args.ckpt} was trained on raster orders only: extract with an any-order "
                        f"model (train --order random)")
     codes, labels, test, test_labels = training_images(data, model.cfg, args.eval_n)
     n = min(args.count or len(codes), len(codes))
-    of, todo, shard = orders_to_extract(args, model, data['meta'], n, rank, world)
+    orders_file, todo, shard = orders_to_extract(args, model, data['meta'], n, rank, world)
     how, t0 = Sampling(score=args.score, lam=args.lam, chunk=args.chunk), time.time()
 
     def stopped():
-        return (f"interrupted: {int(of['filled'].sum())} of {len(of['filled'])} orders saved in "
-                f"{shard}; rerun to continue")
+        filled = orders_file['filled']
+        return (f"interrupted: {int(filled.sum())} of {len(filled)} orders saved in {shard}; rerun "
+                f"to continue")
 
     bar = tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)
-    with saved_on_ctrl_c(lambda: save_atomic(of, shard), stopped):
+    with saved_on_ctrl_c(lambda: save_atomic(orders_file, shard), stopped):
         for k, (i, j) in enumerate(bar):
             # each image's greedy order: the best-scored free position, its true token fed, step
             # by step (classes: the image's own)
             y = None if labels is None else labels[i:j]
             _, order = generate(model, j - i, teacher=codes[i:j], labels=y, how=how)
-            of['orders'][i:j], of['filled'][i:j] = order.cpu().to(torch.int16), True
+            orders_file['orders'][i:j] = order.cpu().to(torch.int16)
+            orders_file['filled'][i:j] = True
             # every few batches, save: a crash keeps every finished batch
             if (k + 1) % args.save_every == 0 or k == len(todo) - 1:
-                save_atomic(of, shard)
+                save_atomic(orders_file, shard)
     if todo and rank == 0:
         done, dt = sum(j - i for i, j in todo), time.time() - t0
         print(f"extracted {done} orders in {dt:.0f}s ({done / dt:.1f} images/s"
               f"{f' on rank 0 of {world}' if world > 1 else ''})")
-    if world > 1 and not merge_shards(args.orders, of, rank):
+    if world > 1 and not merge_shards(args.orders, orders_file, rank):
         return
     # held-out report: the same extraction on test images, then their bits per token under each
     # order kind
-    if 'test_orders' not in of:
+    if 'test_orders' not in orders_file:
         _, test_orders = generate(model, len(test), teacher=test, labels=test_labels, how=how,
                                   progress=True)
-        of['test_orders'] = test_orders.cpu().to(torch.int16)
-    save_atomic(of, args.orders)
-    print(order_report(model, test, of['test_orders'].long(), of['orders'].long(), test_labels))
+        orders_file['test_orders'] = test_orders.cpu().to(torch.int16)
+    save_atomic(orders_file, args.orders)
+    print(order_report(model, test, orders_file['test_orders'].long(),
+                       orders_file['orders'].long(), test_labels))
     print(f"saved {args.orders}")
 
 
@@ -893,21 +896,21 @@ def orders_to_extract(args, model, meta, n, rank=0, world=1):
     earlier runs and shards are kept."""
     setting = dict(ckpt=relative_to(args.ckpt, args.orders), weights=weights_id(model.state_dict()),
                    lam=args.lam, score=args.score, n=n)
-    of = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16),
+    orders_file = dict(orders=torch.zeros(n, model.cfg.n_pos, dtype=torch.int16),
               filled=torch.zeros(n, dtype=torch.bool), setting=setting, tokens=tokens_id(meta))
-    merge_orders(of, [args.orders] + sorted(glob.glob(args.orders + '.shard*')))
+    merge_orders(orders_file, [args.orders] + sorted(glob.glob(args.orders + '.shard*')))
     batches = [(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)]
-    todo = [(i, j) for i, j in batches[rank::world] if not of['filled'][i:j].all()]
-    return of, todo, args.orders if world == 1 else f"{args.orders}.shard{rank}"
+    todo = [(i, j) for i, j in batches[rank::world] if not orders_file['filled'][i:j].all()]
+    return orders_file, todo, args.orders if world == 1 else f"{args.orders}.shard{rank}"
 
 
-def merge_shards(path, of, rank):
+def merge_shards(path, orders_file, rank):
     """Under torchrun: rank 0 merges every process's shard into the one orders file at `path`. True
     on rank 0."""
     dist.barrier()
     if rank == 0:
-        merge_orders(of, sorted(glob.glob(path + '.shard*')))
-        save_atomic(of, path)
+        merge_orders(orders_file, sorted(glob.glob(path + '.shard*')))
+        save_atomic(orders_file, path)
         for shard in glob.glob(path + '.shard*'):
             os.remove(shard)
     dist.barrier()
@@ -1057,13 +1060,13 @@ def order_map(order, H, W, known=None):
     """(N,) order -> (3, H, W) image in [-1, 1]: colour = the step at which each cell was generated
     (dark = early). Cells of `known` (N,) bool, the given codes of inpainting (fed first), are grey;
     the colours span the rest."""
-    P = 0 if known is None else int(known.sum())
+    n_known = 0 if known is None else int(known.sum())
     step = torch.empty(H * W)
-    step[order] = torch.arange(H * W, dtype=torch.float) - P
-    t = step.clamp(min=0).numpy() / max(1, H * W - P - 1) * (len(VIRIDIS) - 1)
+    step[order] = torch.arange(H * W, dtype=torch.float) - n_known
+    t = step.clamp(min=0).numpy() / max(1, H * W - n_known - 1) * (len(VIRIDIS) - 1)
     lo = np.floor(t).astype(int).clip(0, len(VIRIDIS) - 2)
     rgb = VIRIDIS[lo] + (t - lo)[:, None] * (VIRIDIS[lo + 1] - VIRIDIS[lo])
-    if P:
+    if n_known:
         rgb[known.numpy()] = 127.5
     return torch.from_numpy(rgb.T.reshape(3, H, W) / 127.5 - 1).float()
 
@@ -1158,7 +1161,7 @@ def inpaint(args):
         raise OARError("--fid measures completed test images: leave out --image")
     net = load_inception(args.inception, dev) if args.fid else None
     images, codes, labels = inpaint_inputs(args, data, tok, model, dev)
-    codes, n, P = codes.flatten(1).long(), len(images), int((~fill).sum())
+    codes, n, n_known = codes.flatten(1).long(), len(images), int((~fill).sum())
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     chooser, lam, rule = position_rule(args.ckpt, model, args, data['meta'])
@@ -1170,7 +1173,7 @@ def inpaint(args):
         done[kind] = sample_codes(model, n, kind, sampling(args, model, lam, g), args.batch_size,
                                   labels, prompt=codes, known=~fill, chooser=chooser)
         print(f"{kind}: filled {int(fill.sum())} of {H * W} codes in {n} images; mean jump of the "
-              f"filling {mean_jump(done[kind][1][:, P:], W):.2f}")
+              f"filling {mean_jump(done[kind][1][:, n_known:], W):.2f}")
     mask_name = (args.mask if args.mask in MASKS
                  else os.path.splitext(os.path.basename(args.mask))[0])
     ckpt_name = os.path.splitext(os.path.basename(args.ckpt))[0]
@@ -1191,7 +1194,7 @@ def inpaint(args):
         return done
     ref = reference_stats(args, net, dev)
     for kind, (_, lam, rule) in rules.items():
-        t0, filling = time.time(), done[kind][1][:, P:]
+        t0, filling = time.time(), done[kind][1][:, n_known:]
         label = sampling_label(kind, rule, lam, args, model)
         images = decode(tok, done[kind][0], H, W)
         scores = image_scores(net, images, ref, dev, 'inception (inpainted)')
@@ -1314,13 +1317,13 @@ def position_rule(path, model, args, meta):
             raise OARError(f"--positions head: {path} has no position head (fine-tune with "
                            f"--pos-head mlp or query)")
         return 'head', 0.0, 'positions head'
-    orders = recorded_path(model.record.get('orders'), path)  # a fine-tuned model's orders file
+    orders = recorded_path(model.info.get('orders'), path)  # a fine-tuned model's orders file
     if args.positions == 'layout':
-        if model.record.get('order') != 'extracted' or not orders or not os.path.isfile(orders):
+        if model.info.get('order') != 'extracted' or not orders or not os.path.isfile(orders):
             raise OARError(f"--positions layout: {path} is not a fine-tuned model whose orders "
                            f"file is at hand")
         return load_orders(orders, meta)['orders'].long(), 0.0, 'positions layout'
-    setting = model.record.get('extractor')
+    setting = model.info.get('extractor')
     follow = args.positions in ('extractor', 'auto')
     if args.positions == 'self' or (follow and not setting):
         words = 'positions self' if setting and args.positions == 'self' else ''
@@ -1392,14 +1395,14 @@ def distill(args):
     lines = ['| round | extracted with | train orders mean jump | held-out bits/token of the '
              'fine-tuned model (its orders) |', '|---|---|---|---|']
     for r, (src, orders, ckpt) in enumerate(files, 1):
-        of = load_orders(orders, data['meta'])
+        orders_file = load_orders(orders, data['meta'])
         model = load_model(ckpt, data['meta'], pick_device(args.device))
-        test_orders = of['test_orders'].long()
+        test_orders = orders_file['test_orders'].long()
         n = len(test_orders)
         labels = data['test_labels'].long()[:n] if model.cfg.n_class else None
         bits = heldout_bits(model, data['test'].flatten(1)[:n], 'extracted', orders=test_orders,
                             labels=labels)
-        jump = mean_jump(of['orders'].long(), model.cfg.grid_w)
+        jump = mean_jump(orders_file['orders'].long(), model.cfg.grid_w)
         lines.append(f"| {r} | {os.path.basename(src)} | {jump:.2f} | {bits:.3f} "
                      f"({os.path.basename(ckpt)}) |")
     print('\n'.join(lines))
@@ -1595,7 +1598,7 @@ def check_sampling(args, runs):
     unused_by = {'positions head': {'lam'}, 'positions layout': {'lam', 'pos_temperature'}}
     idle = set(given)
     for path, model, kind, rule in runs:
-        if model.record.get('order') == 'raster' and kind != 'raster':
+        if model.info.get('order') == 'raster' and kind != 'raster':
             raise OARError(f"{path} was trained on raster orders only: sample it in raster order "
                            f"(only an any-order model can be asked for {kind} positions)")
         idle &= set(given) if kind != 'oar' else unused_by.get(rule, set())
@@ -1628,8 +1631,8 @@ def parse_runs(args, meta, dev):
             chooser, lam, rule = position_rule(path, model, rule_args, meta)
         test_orders = None
         # held-out bits on its test orders
-        if model.record['order'] == 'extracted' and model.record.get('mix') != 1:
-            recorded = recorded_path(model.record.get('orders'), path)
+        if model.info['order'] == 'extracted' and model.info.get('mix') != 1:
+            recorded = recorded_path(model.info.get('orders'), path)
             orders = recorded if recorded and os.path.exists(recorded) else args.orders
             test_orders = load_orders(orders, meta)['test_orders'].long()
         runs.append((path, order_kind, model, chooser, lam, rule, test_orders))
@@ -1667,7 +1670,7 @@ def evaluate(args):
         held = heldout_scores(model, data, test_orders, args.eval_n)
         # all but the seed: what rows pool on
         settings = dict(reference=os.path.basename(ref['path']), heldout=held.pop('heldout'),
-                        step=model.record.get('step'), temperature=args.temperature,
+                        step=model.info.get('step'), temperature=args.temperature,
                         top_k=args.top_k)
         for seed in args.seeds:
             t0 = time.time()
@@ -1699,12 +1702,12 @@ def evaluate(args):
 def heldout_scores(model, data, test_orders, eval_n):
     """A model's held-out bits per token under the orders it was trained on (its extracted test
     orders, or the first eval_n test images); with a position head its order bits and agreement."""
-    kind = 'random' if model.record.get('mix') == 1 else model.record['order']  # --mix 1: random
+    kind = 'random' if model.info.get('mix') == 1 else model.info['order']  # --mix 1: random
     n = len(test_orders) if test_orders is not None else eval_n
     test, labels = data['test'].flatten(1)[:n], data['test_labels'].long()[:n]
     labels = labels if model.cfg.n_class else None
     bits = heldout_bits(model, test, kind, orders=test_orders, labels=labels,
-                        scale=model.record.get('local_scale', 1.0))
+                        scale=model.info.get('local_scale', 1.0))
     where, agree = None, None
     if model.cfg.pos_head != 'none' and test_orders is not None:
         where, agree = heldout_positions(model, test, test_orders, labels)
@@ -2012,7 +2015,7 @@ def load_tokens(args, build=True):
     Returns dict(meta, train, train_labels, test, test_labels) with codes (n, H, W) int64."""
     path = tokens_path(args)
     if os.path.exists(path):
-        cache = read_ours(path, 'token cache')
+        cache = safe_load(path, 'token cache')
         if not isinstance(cache, dict) or 'meta' not in cache:
             raise OARError(f"{path} is not a token cache: delete it and run 'python oar.py "
                            f"tokenize'")
@@ -2044,7 +2047,7 @@ def load_tokenizer(args, device='cpu'):
         raise OARError(f"no tokenizer at {path}: run 'python oar.py tokenize --out {args.out}' "
                        f"first")
     try:
-        return vqgan.load_tokenizer(read_ours(path, 'tokenizer'), device)
+        return vqgan.load_tokenizer(safe_load(path, 'tokenizer'), device)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         raise OARError(f"cannot rebuild the tokenizer of {path}: {e}")
 
@@ -2065,7 +2068,7 @@ def make_tokenizer(args, ds, resume, device):
         except (FileNotFoundError, ValueError) as e:
             raise OARError(str(e))
     if resume and os.path.exists(path):  # the codebook of the interrupted run
-        return vqgan.load_tokenizer(read_ours(path, 'tokenizer'))
+        return vqgan.load_tokenizer(safe_load(path, 'tokenizer'))
     images, _, _ = ds['train'].read(0, min(len(ds['train']), args.fit_images))
     if not len(images):
         raise OARError(f"no readable training images in {ds['name']} to fit the codebook on")
@@ -2102,7 +2105,7 @@ def encode_dataset(args, ds, dev):
     """tokenize's work: fit (or load) the tokenizer, encode train and test a chunk at a time, save
     the cache."""
     partial = tokens_path(args) + '.partial'
-    part = read_ours(partial, 'partial token cache') if os.path.exists(partial) else None
+    part = safe_load(partial, 'partial token cache') if os.path.exists(partial) else None
     t0 = time.time()
     tok = make_tokenizer(args, ds, part is not None, dev)
     save_atomic(tok.record(), os.path.join(args.out, 'tokenizer.pt'))
@@ -2254,7 +2257,7 @@ def tokens_id(meta):
     return f"{meta['tokenizer']['id']}:{meta['grid'][0]}x{meta['grid'][1]}:{meta['vocab']}"
 
 
-def read_ours(path, what):
+def safe_load(path, what):
     """torch.load one of our own files with weights_only=True (no pickle code can run); a missing,
     unreadable, truncated or foreign file ends in one line that says what to do."""
     if os.path.isdir(path):
@@ -2274,7 +2277,7 @@ def load_checkpoint(path, meta, cfg=None):
     tokens and `cfg`."""
     if not os.path.exists(path):
         raise OARError(f"no checkpoint at {path}: train one first (python oar.py train)")
-    ckpt = read_ours(path, 'OAR checkpoint')
+    ckpt = safe_load(path, 'OAR checkpoint')
     if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
         raise OARError(f"{path} is not an OAR checkpoint")
     if ckpt['tokens'] != tokens_id(meta):
@@ -2291,7 +2294,7 @@ def load_checkpoint(path, meta, cfg=None):
 
 
 def load_model(path, meta, device):
-    """The model of a checkpoint, in eval mode; `model.record` keeps what the checkpoint says of its
+    """The model of a checkpoint, in eval mode; `model.info` keeps what the checkpoint says of its
     training."""
     ckpt = load_checkpoint(path, meta)
     try:
@@ -2302,7 +2305,7 @@ def load_model(path, meta, device):
                        f"({str(e).splitlines()[0]}): train it again")
     if weights_broken(model):
         raise OARError(f"{path} cannot be used: {weights_broken(model)}; train it again")
-    model.record = {k: v for k, v in ckpt.items() if k not in ('model', 'optim')}
+    model.info = {k: v for k, v in ckpt.items() if k not in ('model', 'optim')}
     return model.to(device).eval()
 
 
@@ -2401,15 +2404,15 @@ def read_orders(path, N=None):
     """An orders file (or shard): orders (n, N), filled (n,) which rows are done, setting, tokens,
     test_orders. Every filled row (and every test order) must be a permutation of the N positions: a
     file edited by hand or from another grid is refused, never trained on."""
-    of = read_ours(path, 'orders file')
-    if not isinstance(of, dict) or 'orders' not in of:
+    orders_file = safe_load(path, 'orders file')
+    if not isinstance(orders_file, dict) or 'orders' not in orders_file:
         raise OARError(f"{path} is not an orders file: delete it and extract again")
     try:
-        filled = of['orders'][of['filled']]
+        filled = orders_file['orders'][orders_file['filled']]
     except (IndexError, RuntimeError, TypeError):
         raise OARError(f"{path} is not an orders file (its rows and their filled marks do not "
                        f"match): extract again")
-    for name, rows in (('orders', filled), ('test_orders', of.get('test_orders'))):
+    for name, rows in (('orders', filled), ('test_orders', orders_file.get('test_orders'))):
         if rows is None or not len(rows):
             continue
         n = rows.shape[1] if N is None else N
@@ -2418,38 +2421,39 @@ def read_orders(path, N=None):
                                                                      every):
             raise OARError(f"{path}: its {name} are not orders of the {n} positions of this grid "
                            f"(each row a permutation of 0..{n - 1}): extract again")
-    return of
+    return orders_file
 
 
 def load_orders(path, meta):
     if not os.path.exists(path):
         raise OARError(f"no orders at {path}: run 'python oar.py extract' first")
-    of = read_orders(path, meta['grid'][0] * meta['grid'][1])
-    if of['tokens'] != tokens_id(meta):
+    orders_file = read_orders(path, meta['grid'][0] * meta['grid'][1])
+    if orders_file['tokens'] != tokens_id(meta):
         raise OARError(f"{path} was extracted from other tokens than this --out holds: extract "
                        f"again")
-    if not of['filled'].all() or 'test_orders' not in of:
-        raise OARError(f"{path} is incomplete ({int(of['filled'].sum())} of {len(of['filled'])} "
-                       f"orders): rerun 'python oar.py extract' to finish it")
-    return of
+    if not orders_file['filled'].all() or 'test_orders' not in orders_file:
+        filled = orders_file['filled']
+        raise OARError(f"{path} is incomplete ({int(filled.sum())} of {len(filled)} orders): rerun "
+                       f"'python oar.py extract' to finish it")
+    return orders_file
 
 
-def merge_orders(of, paths):
+def merge_orders(orders_file, paths):
     """Copy the filled rows of each orders file or shard in `paths` that exists into `of` (finished
     work, of any world size), refusing one of another extraction."""
     for path in paths:
         if not os.path.exists(path):
             continue
-        done = read_orders(path, of['orders'].shape[1])
-        theirs, ours = done.get('setting'), of['setting']
-        if not same_extraction(theirs, ours) or done['tokens'] != of['tokens']:
+        done = read_orders(path, orders_file['orders'].shape[1])
+        theirs, ours = done.get('setting'), orders_file['setting']
+        if not same_extraction(theirs, ours) or done['tokens'] != orders_file['tokens']:
             raise OARError(f"{path} holds orders {describe_extraction(theirs)} (n "
                            f"{(theirs or {}).get('n')}), not {describe_extraction(ours)} (n "
                            f"{ours['n']}) with these weights: delete it, or extract into another "
                            f"file")
-        of['orders'][done['filled']] = done['orders'][done['filled']]
-        of['filled'] |= done['filled']
-        of.update({k: v for k, v in done.items() if k == 'test_orders'})
+        orders_file['orders'][done['filled']] = done['orders'][done['filled']]
+        orders_file['filled'] |= done['filled']
+        orders_file.update({k: v for k, v in done.items() if k == 'test_orders'})
 
 
 def dist_setup(device='auto'):
@@ -2589,7 +2593,7 @@ def timed(fn, dev, repeat):
     return (time.time() - t0) / repeat
 
 
-def race(fns, dev, repeat, rounds=3):
+def timed_in_turn(fns, dev, repeat, rounds=3):
     """Seconds per call of each function: the best of `rounds` timings taken in turn, so that a
     drift in the machine's speed (another process, the clock) hits every variant alike."""
     best = {}
@@ -2696,7 +2700,7 @@ def bench_training(model_for, codes, g, dev, flops, repeat, row):
         return step
 
     steps = dict(dual=train_step(OAR), plain=train_step(PlainGPT))
-    rate = {k: B * N / s for k, s in race(steps, dev, repeat).items()}
+    rate = {k: B * N / s for k, s in timed_in_turn(steps, dev, repeat).items()}
     tps, params = rate['dual'], steps['dual'].params
     row(f"train, dual encoding ({100 * 6 * params * tps / flops:.1f}% of matmul peak); "
         f"{100 * (1 - tps / rate['plain']):+.1f}% slower than one position table", tps, 'tokens/s',
@@ -2719,7 +2723,7 @@ def bench_sampling(model, model_for, B, N, dev, repeat, row):
         with counting_queries(*models) as count:
             fn()
         evals[name] = count[0] / B
-    seconds = race({k: fn for k, (fn, _) in samplers.items()}, dev, repeat)
+    seconds = timed_in_turn({k: fn for k, (fn, _) in samplers.items()}, dev, repeat)
     speed = {name: B / t for name, t in seconds.items()}
     for name in samplers:
         row(f"sample {name} ({evals[name]:.0f} token evaluations per image; "

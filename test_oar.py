@@ -1666,3 +1666,21 @@ def test_train_local_order(tiny_run, tmp_path, capsys):
     ckpt = torch.load(f'{out}/local.pt', weights_only=True)
     assert ckpt['order'] == 'local' and ckpt['local_scale'] == 0.5
     assert "training orders' mean jump" in capsys.readouterr().out
+
+
+def test_oar_py_reads_in_100_columns_and_keeps_the_paper_apart():
+    """The style of docs/tests.md: no line of oar.py over 100 characters, and what is ours (local
+    orders, the position rules, distill) sits in the one 'beyond the paper' section, after the
+    paper's own sections."""
+    text = open(oar.__file__).read()
+    long = [i for i, line in enumerate(text.splitlines(), 1) if len(line) > 100]
+    assert not long, f"lines over 100 characters: {long[:10]}"
+    rulers = [i for i, line in enumerate(text.splitlines()) if line.startswith('# ---')]
+    titles = [text.splitlines()[i].lstrip('# -') for i in rulers]
+    beyond = next(k for k, t in enumerate(titles) if t.startswith('9. beyond the paper'))
+    assert [t.split('.')[0] for t in titles[:beyond]] == [str(k) for k in range(1, 9)], titles
+    lines = text.splitlines()
+    start, end = rulers[beyond], rulers[beyond + 1]
+    for name in ('local_orders', 'position_rule', 'best_index', 'distill', 'heldout_positions'):
+        at = next(i for i, line in enumerate(lines) if line.startswith(f'def {name}('))
+        assert start < at < end, f"{name} is outside the 'beyond the paper' section"
