@@ -725,7 +725,7 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     first = torch.zeros(N, dtype=torch.bool) if known is None else known
     first = first.to(dev).nonzero()[:, 0]
     n_known = len(first)
-    progress = lambda t: (t - n_known) / (N - n_known)  # of the steps that choose a position
+    share_done = lambda t: (t - n_known) / (N - n_known)  # of the steps that pick a position
     given = teacher if teacher is not None else prompt
     codes = torch.zeros(B, N, dtype=torch.long) if given is None else given.clone()
     codes, chosen = codes.to(dev), torch.zeros(B, N, dtype=torch.long, device=dev)
@@ -744,7 +744,8 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
     def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
         if cand.size(1) == 1:
             return torch.zeros(B, dtype=torch.long, device=dev)
-        return best_index(position_scores(logits, cand, codes, cur, how, W, t), how, progress(t))
+        return best_index(position_scores(logits, cand, codes, cur, how, W, t), how,
+                          share_done(t))
 
     hidden = None  # the last step's final hidden state: what an 'mlp' position head reads
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
@@ -757,7 +758,7 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
             elif head:                                              # the position head picks one
                 where = model.position_logits(prev, cur, hidden, caches[0], labels)
                 where = where.masked_fill(~free, float('-inf'))
-                cand = best_index(where, how, progress(t))[:, None]
+                cand = best_index(where, how, share_done(t))[:, None]
             else:                                                   # every free position: (B, K)
                 cand = free.nonzero()[:, 1].view(B, N - t)
             # burst: the next-token logits at every candidate; the best-scored one is picked
@@ -860,7 +861,8 @@ def extract(args):
                 f"to continue")
 
     bar = tqdm(todo, desc=f'extract (batches of {args.batch_size})', disable=rank > 0)
-    with saved_on_ctrl_c(lambda: save_atomic(orders_file, shard), stopped):
+    # the bar closes first, however the loop ends: no half bar left for the next one to redraw
+    with saved_on_ctrl_c(lambda: save_atomic(orders_file, shard), stopped), bar:
         for k, (i, j) in enumerate(bar):
             # each image's greedy order: the best-scored free position, its true token fed, step
             # by step (classes: the image's own)
@@ -2121,26 +2123,25 @@ def encode_dataset(args, ds, dev):
     stopped = f"interrupted: finished chunks saved in {partial}; rerun the same command to continue"
     with saved_on_ctrl_c(lambda: save_atomic(part, partial), lambda: stopped):
         for split in ('train', 'test'):
-            bar = tqdm(total=len(ds[split]), initial=part['done'][split],
-                       desc=f'tokenizing {split}', unit='img')
-            while part['done'][split] < len(ds[split]):
-                lo = part['done'][split]
-                hi = min(lo + args.batch_size, len(ds[split]))
-                images, labels, bad = ds[split].read(lo, hi)
-                # grey -> RGB for the VQ-GAN
-                x = from_uint8(images).expand(-1, described['channels'], -1, -1)
-                if len(x):
-                    codes = [tok.encode(x[i:i + enc_batch].to(dev)).cpu()
-                             for i in range(0, len(x), enc_batch)]
-                    part[split].append(torch.cat(codes).to(torch.int16))
-                    part[split + '_labels'].append(labels)
-                part['bad'] += bad
-                part['done'][split] = hi
-                bar.update(hi - lo)
-                if time.time() - saved > 30:  # a crash loses at most half a minute of work
-                    save_atomic(part, partial)
-                    saved = time.time()
-            bar.close()
+            with tqdm(total=len(ds[split]), initial=part['done'][split],
+                      desc=f'tokenizing {split}', unit='img') as bar:
+                while part['done'][split] < len(ds[split]):
+                    lo = part['done'][split]
+                    hi = min(lo + args.batch_size, len(ds[split]))
+                    images, labels, bad = ds[split].read(lo, hi)
+                    # grey -> RGB for the VQ-GAN
+                    x = from_uint8(images).expand(-1, described['channels'], -1, -1)
+                    if len(x):
+                        codes = [tok.encode(x[i:i + enc_batch].to(dev)).cpu()
+                                 for i in range(0, len(x), enc_batch)]
+                        part[split].append(torch.cat(codes).to(torch.int16))
+                        part[split + '_labels'].append(labels)
+                    part['bad'] += bad
+                    part['done'][split] = hi
+                    bar.update(hi - lo)
+                    if time.time() - saved > 30:  # a crash loses at most half a minute of work
+                        save_atomic(part, partial)
+                        saved = time.time()
     cache = {k: torch.cat(part[k]) if part[k] else torch.zeros(0, dtype=torch.int16)
              for k in ('train', 'train_labels', 'test', 'test_labels')}
     if min(len(cache['train']), len(cache['test'])) == 0:
