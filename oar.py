@@ -345,6 +345,7 @@ class OAR(nn.Module):
 # -------------------------------------------------- 2. orders: raster, random, and their statistics
 
 def raster_orders(B, N, device='cpu'):
+    """The raster order, row by row from the top left, for each of B samples."""
     return torch.arange(N, device=device).expand(B, N)
 
 
