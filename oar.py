@@ -24,6 +24,7 @@ command line.
 import argparse
 import contextlib
 import errno
+import functools
 import glob
 import gzip
 import hashlib
@@ -137,8 +138,10 @@ class KVCache:
     """Keys and values of the generated prefix, pre-allocated for all N steps and written by
     index."""
 
-    def __init__(self, cfg, B, device, dtype):
+    def __init__(self, cfg, B, device, dtype=None):  # dtype: autocast's, bfloat16 on CUDA
         hs = cfg.n_embd // cfg.n_head
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
         self.k = torch.zeros(cfg.n_layer, B, cfg.n_head, cfg.n_pos, hs, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.len = 0                                   # rows written so far = inputs already fed
@@ -462,33 +465,25 @@ def train(args):
 
 
 def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extractor=None):
-    """The training loop of `train` and `finetune`, in nanoGPT's shape: evaluate now and then, set
-    the learning rate, draw a batch of images and their orders, forward and backward, clip, step,
-    log, checkpoint. `orders` (n, N): the extracted order of each training image (fine-tuning, from
-    the weights `init`); without them `make_orders` draws fresh ones by --order. Under torchrun
-    every process draws the same global batch and trains on its share; DDP averages the
-    gradients."""
+    """The training loop of `train` and `finetune`, in nanoGPT's shape. `orders` (n, N): each
+    image's extracted order (fine-tuning, from the weights `init`); without them `make_orders`
+    draws fresh ones by --order. Under torchrun each process trains on its share of one batch."""
     rank, world, dev = procs
     codes, labels, test, test_labels = training_images(data, cfg, args.eval_n, orders, test_orders)
-    model, opt, step = start_training(args, data['meta'], cfg, dev, init, extractor)
-    wrapped = DDP(model) if world > 1 else model  # DDP averages the gradients in backward
-    wrapped = torch.compile(wrapped) if args.compile else wrapped
+    model, wrapped, opt, step = start_training(args, data['meta'], cfg, procs, len(codes), init,
+                                               extractor)
     share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
     info = checkpoint_info(args, data['meta'], cfg, orders, extractor)
     schedule, batching = training_plan(args)
-    held_out = lambda head=True: heldout_report(model, test, args.order, test_orders, test_labels,
-                                                info, head)
+    held_out = functools.partial(heldout_report, model, test, args.order, test_orders, test_labels,
+                                 info)
 
     def save(step, loss=None):  # one writer: every process holds the same weights
         if rank == 0:
             save_checkpoint(args.ckpt, model, loss, optim=opt.state_dict(), step=step, **info)
 
-    def stopped():
-        return (f"interrupted at step {step}: saved {args.ckpt}; rerun the same command with "
-                f"--resume to continue")
-
-    if rank == 0:
-        print(describe_training(args, model, len(codes), dev, world))
+    stopped = lambda: (f"interrupted at step {step}: saved {args.ckpt}; rerun the same command "
+                       f"with --resume to continue")
     t0, first = time.time(), step
     bar = tqdm(total=args.steps, initial=step, desc=f'train {args.order}', disable=rank > 0)
     with saved_on_ctrl_c(lambda: save(step), stopped), bar:
@@ -522,17 +517,23 @@ def fit(args, data, cfg, procs, init=None, orders=None, test_orders=None, extrac
     if world > 1:
         dist.barrier()  # the checkpoint is written before anyone moves on
         dist.destroy_process_group()
-    if rank > 0:
-        return model
-    if step > first:
-        dt = time.time() - t0
-        print(f"{(step - first) * args.batch_size * cfg.n_pos / dt:,.0f} training tokens/s "
-              f"({dt:.0f}s on {dev}{f' x {world}' if world > 1 else ''})")
-    print(f"final {held_out(head=False)}; unigram entropy {unigram_entropy(data['train']):.3f}; "
-          f"saved {args.ckpt}")
-    if orders is not None:  # the fine-tuned model under the test images' extracted orders
-        print(order_report(model.eval(), test, test_orders, labels=test_labels))
+    if rank == 0:  # the speed, the final held-out bits, the test images' extracted orders
+        print(training_speed(step - first, args.batch_size * cfg.n_pos, time.time() - t0, procs)
+              + f"final {held_out(head=False)}; unigram entropy "
+              f"{unigram_entropy(data['train']):.3f}; saved {args.ckpt}")
+        if orders is not None:
+            print(order_report(model.eval(), test, test_orders, labels=test_labels))
     return model
+
+
+def training_speed(steps, tokens_per_step, seconds, procs):
+    """'123,456 training tokens/s (60s on cpu)' and a newline; '' when no step ran (resumed at the
+    end)."""
+    if not steps:
+        return ''
+    world, dev = procs[1], procs[2]
+    return (f"{steps * tokens_per_step / seconds:,.0f} training tokens/s "
+            f"({seconds:.0f}s on {dev}{f' x {world}' if world > 1 else ''})\n")
 
 
 def training_plan(args):
@@ -561,11 +562,13 @@ def training_images(data, cfg, eval_n, orders=None, test_orders=None):
             data['test'].flatten(1)[:n_test], test_labels if cfg.n_class else None)
 
 
-def start_training(args, meta, cfg, dev, init=None, extractor=None):
-    """(model, AdamW, first step): a resumed checkpoint, or seeded weights (an `init` state dict to
-    start from: an any-order model gets a fresh position head, and a head it has but cfg lacks is
-    dropped). Weight decay on the matrices only; a position head learns at --pos-lr-scale times the
-    rate."""
+def start_training(args, meta, cfg, procs, n_images, init=None, extractor=None):
+    """(model, the model as trained (DDP, compiled), AdamW, first step), announced by
+    `describe_training`: a resumed checkpoint, or seeded weights (an `init` state dict to start
+    from: an any-order model gets a fresh position head, and a head it has but cfg lacks is
+    dropped). Weight decay on the matrices only; a position head learns at --pos-lr-scale times
+    the rate."""
+    rank, world, dev = procs
     ckpt = resumed_checkpoint(args, meta, cfg, extractor)
     torch.manual_seed(args.seed)  # the initial weights
     model = OAR(cfg).to(dev)
@@ -587,7 +590,11 @@ def start_training(args, meta, cfg, dev, init=None, extractor=None):
         if [k for k in missing + unexpected if not k.startswith(POSITION_HEAD)]:
             raise OARError(f"--init does not fit this model: missing {missing}, "
                            f"unexpected {unexpected}")
-    return model, opt, ckpt['step'] if ckpt else 0
+    if rank == 0:
+        print(describe_training(args, model, n_images, dev, world))
+    wrapped = DDP(model) if world > 1 else model  # DDP averages the gradients in backward
+    wrapped = torch.compile(wrapped) if args.compile else wrapped
+    return model, wrapped, opt, ckpt['step'] if ckpt else 0
 
 
 @dataclass
@@ -702,53 +709,30 @@ class Sampling:
 def generate(model, B, order=None, positions=None, teacher=None, prompt=None, known=None,
              labels=None, how=None, progress=False):
     """Generate (or, with `teacher`, explain) B code grids one position at a time: (codes, order),
-    each (B, N). `how` (a `Sampling`): the score, the temperatures, guidance, the generator.
-
-    - a fixed `order` (B, N): raster or random sampling, the position of each step is given;
-    - otherwise every free position j is scored at once (burst), `score(j) - lam * d(cur, j)`, and
-      the best taken: OAR sampling, or with the `teacher`'s codes fed, order extraction;
-    - `positions`: another model that picks the positions while `model` draws the tokens (the
-      extractor's rule, ours), or 'head', the model's own position head (ours: one query a step);
-    - inpainting: the codes of `prompt` (B, N) at `known` (N,) are fed first, then the rest filled;
-    - `labels` (B,): classes; with `how.guidance` s the logits are s * conditional + (1 - s) *
-      unconditional (the null class), each with its own KV cache."""
+    each (B, N); `how` (a `Sampling`) holds the score, temperatures, guidance and generator. With a
+    fixed `order` (B, N) each step's position is given (raster, random); otherwise every free
+    position j is scored at once (burst), score(j) - lam * d(cur, j), and the best taken (OAR
+    sampling; with the `teacher`'s codes fed, extraction). `positions`: another model that picks
+    the positions (the extractor's rule) or 'head' (its position head), both ours. The codes of
+    `prompt` at `known` (N,) go first (inpainting); `labels` (B,): classes."""
     how = how or Sampling()
     cfg, dev = model.cfg, next(model.parameters()).device
     N, W, rows = cfg.n_pos, cfg.grid_w, torch.arange(B, device=dev)
     head, chooser = positions == 'head', position_chooser(model, positions, order)
     chunk = how.chunk or auto_chunk(cfg, B, dev)
-    null = None if how.guidance is None else torch.full((B,), cfg.n_class, device=dev)
     labels = None if labels is None else labels.to(dev)
-    dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
-    caches = [KVCache(cfg, B, dev, dtype) for _ in range(1 if how.guidance is None else 2)]
-    chooser_cache = None if chooser is None else KVCache(chooser.cfg, B, dev, dtype)
+    caches = [KVCache(cfg, B, dev) for _ in range(1 if how.guidance is None else 2)]
+    chooser_cache = None if chooser is None else KVCache(chooser.cfg, B, dev)
     # inpainting: the prompt's known positions, fed first in raster order, one per step
-    first = torch.zeros(N, dtype=torch.bool) if known is None else known
-    first = first.to(dev).nonzero()[:, 0]
+    first = (torch.zeros(N, dtype=torch.bool) if known is None else known).to(dev).nonzero()[:, 0]
     n_known = len(first)
     share_done = lambda t: (t - n_known) / (N - n_known)  # of the steps that pick a position
     given = teacher if teacher is not None else prompt
     codes = torch.zeros(B, N, dtype=torch.long) if given is None else given.clone()
     codes, chosen = codes.to(dev), torch.zeros(B, N, dtype=torch.long, device=dev)
     free = torch.ones(B, N, dtype=torch.bool, device=dev)
-    # START, at the virtual centre N
-    prev, cur = torch.full((B,), -1, device=dev), torch.full((B,), N, device=dev)
-
-    def token_logits(cand):  # next-token logits (B, K, V) at each candidate (guided), hidden states
-        h = model.burst_features(prev, cur, cand, caches[0], labels, chunk)
-        logits = model.head(h).float()
-        if how.guidance is not None:
-            uncond = model.burst(prev, cur, cand, caches[1], null, chunk).float()
-            logits = logits * how.guidance + uncond * (1 - how.guidance)
-        return logits, h
-
-    def choose(logits, cand, t):  # index into cand (B,) of the best-scored position
-        if cand.size(1) == 1:
-            return torch.zeros(B, dtype=torch.long, device=dev)
-        return best_index(position_scores(logits, cand, codes, cur, how, W, t), how,
-                          share_done(t))
-
-    hidden = None  # the last step's final hidden state: what an 'mlp' position head reads
+    # START, at the virtual centre N; `hidden`: the last step's final state, read by an 'mlp' head
+    prev, cur, hidden = torch.full((B,), -1, device=dev), torch.full((B,), N, device=dev), None
     for t in tqdm(range(N), desc='generate', disable=not progress, leave=False):
         with autocast(dev):
             # this step's candidate positions: one when it is given, every free one to be scored
@@ -764,14 +748,14 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
                 cand = free.nonzero()[:, 1].view(B, N - t)
             # burst: the next-token logits at every candidate; the best-scored one is picked
             if chooser is None:  # one burst: its logits score the positions and draw the token
-                logits, h = token_logits(cand)
-                pick = choose(logits, cand, t)
+                logits, h = guided_logits(model, prev, cur, cand, caches, labels, how, chunk)
+                pick = best_candidate(logits, cand, codes, cur, how, W, t, share_done(t))
             else:  # the chooser's burst picks the position; the model sees only that one
                 scores = chooser.burst(prev, cur, cand, chooser_cache, labels, chunk).float()
-                pick = choose(scores, cand, t)
+                pick = best_candidate(scores, cand, codes, cur, how, W, t, share_done(t))
                 chooser_cache.commit(pick)
                 cand, pick = cand.gather(1, pick[:, None]), torch.zeros_like(pick)
-                logits, h = token_logits(cand)
+                logits, h = guided_logits(model, prev, cur, cand, caches, labels, how, chunk)
         # the token there: drawn (or, explaining a teacher, its own); the step joins the KV caches
         pos = cand[rows, pick]
         if teacher is None and t >= n_known:
@@ -782,6 +766,26 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
         chosen[:, t], free[rows, pos] = pos, False
         prev, cur, hidden = codes[rows, pos], pos, h[rows, pick].float()
     return codes, chosen
+
+
+def guided_logits(model, prev, cur, cand, caches, labels, how, chunk):
+    """Next-token logits (B, K, V) at each candidate and their hidden states; with classifier-free
+    guidance s, s * conditional + (1 - s) * unconditional, the second cache holding the null
+    class's stream."""
+    h = model.burst_features(prev, cur, cand, caches[0], labels, chunk)
+    logits = model.head(h).float()
+    if how.guidance is not None:
+        null = torch.full_like(prev, model.cfg.n_class)
+        uncond = model.burst(prev, cur, cand, caches[1], null, chunk).float()
+        logits = logits * how.guidance + uncond * (1 - how.guidance)
+    return logits, h
+
+
+def best_candidate(logits, cand, codes, cur, how, W, t, done):
+    """Index into cand (B, K) of the best-scored position (no noise drawn when K = 1)."""
+    if cand.size(1) == 1:
+        return torch.zeros(len(cand), dtype=torch.long, device=cand.device)
+    return best_index(position_scores(logits, cand, codes, cur, how, W, t), how, done)
 
 
 def position_chooser(model, positions, order):
