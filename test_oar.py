@@ -366,7 +366,6 @@ BAD_INPUTS = {  # name: (argv after the command's --out, words the one line must
     'lam with raster order': (['sample', '--order', 'raster', '--lam', '0.1'], '--lam would do nothing'),
     'position temperature with raster order': (['sample', '--order', 'random', '--pos-temperature', '1'], 'would do nothing'),
     'lam with a position head': (['sample', '--ckpt', 'OUT/oar.pt', '--lam', '0.3'], '--lam would do nothing'),
-    'lam with layouts': (['sample', '--ckpt', 'OUT/oar.pt', '--positions', 'layout', '--lam', '0.3'], 'would do nothing'),
     'lam with no OAR run in eval': (['eval', '--lam', '0.2', 'OUT/any.pt:random'], '--lam would do nothing'),
     'pos-anneal without a temperature': (['sample', '--pos-anneal'], 'anneals --pos-temperature'),
     'OAR order of a raster model': (['sample', '--ckpt', 'OUT/rasterlike.pt'], 'raster orders only'),
@@ -587,7 +586,7 @@ def test_a_moved_run_folder_resumes(tiny_ft_run, tmp_path, capsys):
     oar.main(['finetune', '--out', moved, '--steps', '3', '--batch-size', '8', '--eval-n', '16', '--warmup', '1',
               '--resume'])
     assert torch.load(f'{moved}/oar.pt', weights_only=True)['step'] == 3
-    for positions in ('head', 'layout', 'extractor'):
+    for positions in ('head', 'extractor'):
         oar.main(['sample', '--out', moved, '--ckpt', f'{moved}/oar.pt', '--n', '2', '--positions', positions])
 
 
@@ -828,20 +827,19 @@ def test_position_noise_zero_is_argmax_and_noise_varies_the_orders():
         assert is_permutation(runs[name]) and oar.order_diversity(runs[name]) > 0.05, name
 
 
-def tiny_head_model(pos_head, H=3, W=3, V=11, seed=0, n_class=0):
+def tiny_head_model(pos_head='mlp', H=3, W=3, V=11, seed=0, n_class=0):
     torch.manual_seed(seed)
     return oar.OAR(oar.GPTConfig(vocab_size=V, grid_h=H, grid_w=W, n_layer=2, n_head=2, n_embd=32,
                                  pos_head=pos_head, pos_hidden=32, n_class=n_class)).eval()
 
 
-@pytest.mark.parametrize('pos_head', ['mlp', 'query'])
-def test_position_head_gives_used_positions_zero_probability(pos_head):
+def test_position_head_gives_used_positions_zero_probability():
     """The head's distribution at step t covers the free positions only; sampled orders are permutations; and
     the head's training forward equals, step by step, what sampling computes on the KV cache."""
-    model = tiny_head_model(pos_head, H=3, W=4)
+    model = tiny_head_model(H=3, W=4)
     codes, order = torch.randint(0, 11, (5, 12)), oar.random_orders(5, 12, torch.Generator().manual_seed(1))
     logits, pos = model(codes, order, positions=True)
-    diff = (logits - model(codes, order)).abs().max().item()  # 'query' adds queries no input attends to
+    diff = (logits - model(codes, order)).abs().max().item()
     assert diff < 1e-5, f"the position head changed the token logits by {diff:.2e}"
     p = pos.softmax(-1)
     onehot = F.one_hot(order, 12)
@@ -849,7 +847,7 @@ def test_position_head_gives_used_positions_zero_probability(pos_head):
     assert p[used].max() == 0 and torch.allclose(p.sum(-1), torch.ones(5, 12))
     cache, prev, cur, hidden = oar.KVCache(model.cfg, 5, 'cpu', torch.float32), torch.full((5,), -1), torch.full((5,), 12), None
     for t in range(12):
-        step = model.position_logits(prev, cur, hidden, cache).masked_fill(used[:, t], float('-inf'))
+        step = model.position_logits(prev, cur, hidden).masked_fill(used[:, t], float('-inf'))
         diff = (step.softmax(-1) - p[:, t]).abs().max().item()
         assert diff < 1e-5, f"step {t}: sampling's position distribution differs from training's by {diff:.2e}"
         hidden = model.burst_features(prev, cur, order[:, t:t + 1], cache)[:, 0]
@@ -861,12 +859,11 @@ def test_position_head_gives_used_positions_zero_probability(pos_head):
         assert is_permutation(sampled), kw
 
 
-@pytest.mark.parametrize('pos_head', ['mlp', 'query'])
-def test_head_trained_on_one_fixed_order_reproduces_it(pos_head):
+def test_head_trained_on_one_fixed_order_reproduces_it():
     """A head trained on a tiny model to follow one fixed order on every image (a snake: rows left to right,
     then right to left) samples exactly that order."""
     snake = torch.tensor([0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11])
-    model = tiny_head_model(pos_head, H=3, W=4).train()
+    model = tiny_head_model(H=3, W=4).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(150):
@@ -880,18 +877,17 @@ def test_head_trained_on_one_fixed_order_reproduces_it(pos_head):
     assert torch.equal(order, snake.expand(16, -1)), f"{int((order != snake).any(1).sum())} of 16 orders differ"
 
 
-@pytest.mark.parametrize('pos_head, per_image', [('none', 12), ('mlp', 12), ('query', 24)])
-def test_head_sampling_costs_n_token_evaluations(pos_head, per_image):
-    """Counted by a forward hook: sampling with a position head runs N token queries per image ('query': and N
-    where-next queries), one model; raster sampling N; the paper's rule N(N+1)/2; the extractor's rule
-    N(N+3)/2 over two models."""
+@pytest.mark.parametrize('pos_head', ['none', 'mlp'])
+def test_head_sampling_costs_n_token_evaluations(pos_head):
+    """Counted by a forward hook: sampling with a position head runs N token queries per image, one model;
+    raster sampling N; the paper's rule N(N+1)/2; the extractor's rule N(N+3)/2 over two models."""
     model, extractor = tiny_head_model(pos_head, H=3, W=4), tiny_model(H=3, W=4)
     with oar.counting_queries(model) as count:
         if pos_head == 'none':
             oar.generate(model, 3, order=oar.raster_orders(3, 12))
         else:
             oar.generate(model, 3, positions='head')
-    assert count[0] == 3 * per_image
+    assert count[0] == 3 * 12
     with oar.counting_queries(model, extractor) as count:
         oar.generate(model, 3, positions=extractor)
     assert count[0] == 3 * 12 * 15 // 2
@@ -944,21 +940,16 @@ def test_fine_tuned_head_is_the_default_sampler_and_reports_its_order_bits(tiny_
     oar.main(['extract', '--out', out, '--count', '16', '--batch-size', '16', '--eval-n', '16'])
     capsys.readouterr()
     oar.main(['finetune', '--out', out, '--steps', '3', '--batch-size', '8', '--eval-n', '16', '--warmup', '1',
-              '--pos-head', 'query', '--mix', '0.25'])
+              '--pos-hidden', '16', '--mix', '0.25'])
     printed = capsys.readouterr().out
-    assert 'position head (query) on the extracted orders' in printed and 'image and order' in printed
+    assert 'position head (mlp) on the extracted orders' in printed and 'image and order' in printed
     ckpt = torch.load(f'{out}/oar.pt', weights_only=True)
-    assert ckpt['config']['pos_head'] == 'query' and ckpt['mix'] == 0.25
+    assert ckpt['config']['pos_head'] == 'mlp' and ckpt['config']['pos_hidden'] == 16 and ckpt['mix'] == 0.25
     sample = ['sample', '--out', out, '--ckpt', f'{out}/oar.pt', '--n', '4', '--png', str(tmp_path / 's.png')]
     _, orders = oar.main(sample)
     assert "picked by the model's position head" in capsys.readouterr().out and is_permutation(orders)
     oar.main(sample + ['--positions', 'extractor'])
     assert 'picked by any.pt, lam 0.1' in capsys.readouterr().out
-    _, layouts = oar.main(sample + ['--positions', 'layout'])  # each sample: a training image's extracted order
-    extracted = {tuple(o) for o in torch.load(f'{out}/orders.pt', weights_only=True)['orders'].tolist()}
-    assert all(tuple(o) in extracted for o in layouts.tolist())
-    err = run_error(['sample', '--out', out, '--ckpt', f'{out}/any.pt', '--positions', 'layout', '--n', '2'], capsys)
-    assert 'not a fine-tuned model' in err
     err = run_error(['sample', '--out', out, '--ckpt', f'{out}/any.pt', '--positions', 'head', '--n', '2'], capsys)
     assert 'has no position head' in err and err.count('\n') == 1
     err = run_error(['finetune', '--out', out, '--mix', '1.5'], capsys)
@@ -1455,14 +1446,14 @@ def test_bench_rows():
     rows = oar.bench_config(c, torch.device('cpu'), flops=1e9, repeat=1)
     value = {r['what'].split(' (')[0].split(';')[0]: r['value'] for r in rows}
     assert set(value) == {'train, dual encoding', 'sample raster', 'sample oar, own confidence',
-                          "sample oar, the extractor's rule", 'sample oar, position head mlp',
-                          'sample oar, position head query', 'sample oar, own confidence: token evaluations / strict need',
+                          "sample oar, the extractor's rule", 'sample oar, position head',
+                          'sample oar, own confidence: token evaluations / strict need',
                           'extract, burst scoring', 'extract, naive recompute', 'extract burst / naive'}
     assert all(v > 0 and math.isfinite(v) for v in value.values())
     assert value['sample oar, own confidence: token evaluations / strict need'] == 1.0
     evals = {r['what'].split(' (')[0]: r['evals'] for r in rows if 'evals' in r}  # N = 9 positions
     assert evals == {'sample raster': 9, 'sample oar, own confidence': 45, "sample oar, the extractor's rule": 54,
-                     'sample oar, position head mlp': 9, 'sample oar, position head query': 18}
+                     'sample oar, position head': 9}
     assert math.isclose(value['extract burst / naive'],
                         value['extract, burst scoring'] / value['extract, naive recompute'])
     assert rows[0]['params'] == sum(p.numel() for p in tiny_model().parameters())
@@ -1484,7 +1475,7 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     with open(path) as f:
         (result,) = json.load(f)
     assert result['config'] == 'default' and result['batch'] == 2 and result['grid'] == 7
-    assert len(result['rows']) == 10 and result['matmul_flops'] > 0
+    assert len(result['rows']) == 9 and result['matmul_flops'] > 0
     printed = capsys.readouterr().out
     assert all(r['what'] in printed for r in result['rows'])
 
