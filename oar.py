@@ -1320,7 +1320,7 @@ def extractor_path(path, orders, setting):
 
 
 def picked_by(model, chooser, lam, rule):
-    """Who picks the positions, in words: 'the model itself', 'any.pt, lam 0.1', ..."""
+    """Who picks the positions, in words: 'the model itself', 'any.pt, lam 3', ..."""
     if chooser is model:
         who = 'the model itself'
     elif rule == 'positions head':
@@ -1533,7 +1533,7 @@ def image_scores(net, images, ref, dev, desc):
 
 def sampling_label(order_kind, rule, lam, args, model):
     """The sampling settings, in the results row and the file names: 'oar positions any.pt lam
-    0.1', ..."""
+    3', ..."""
     words = [order_kind]
     if order_kind == 'oar':
         words += [rule] if rule else []
@@ -2349,7 +2349,7 @@ def same_extraction(a, b):
 
 
 def describe_extraction(setting):
-    """'extracted by any.pt with --score confidence --lam 0.1' from an orders file's setting."""
+    """'extracted by any.pt with --score confidence --lam 3' from an orders file's setting."""
     if not setting:
         return 'of an unknown extraction'
     return (f"extracted by {os.path.basename(setting.get('ckpt', '?'))} with --score "
@@ -2816,7 +2816,9 @@ def extraction_flags(s):
     add = s.add_argument
     add('--count', type=COUNT, default=0,
         help='extract for the first COUNT training images (0: all)')
-    add('--lam', type=NONNEG, default=0.1, help='distance regularization: score - lam * jump')
+    add('--lam', type=NONNEG, default=3.0,
+        help='distance regularization: score - lam * jump (the paper gives no value; 3, ours, '
+             'makes walks of short steps that a position head can learn: docs/positions.md)')
     add('--score', default='confidence', choices=['confidence', 'likelihood'],
         help="confidence: log max_v p, the model's own confidence, a function of what is already "
              "known; likelihood (the v1 reading, an ablation): log p of the true token, which "

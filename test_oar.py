@@ -949,7 +949,7 @@ def test_fine_tuned_head_is_the_default_sampler_and_reports_its_order_bits(tiny_
     _, orders = oar.main(sample)
     assert "picked by the model's position head" in capsys.readouterr().out and is_permutation(orders)
     oar.main(sample + ['--positions', 'extractor'])
-    assert 'picked by any.pt, lam 0.1' in capsys.readouterr().out
+    assert 'picked by any.pt, lam 3' in capsys.readouterr().out
     err = run_error(['sample', '--out', out, '--ckpt', f'{out}/any.pt', '--positions', 'head', '--n', '2'], capsys)
     assert 'has no position head' in err and err.count('\n') == 1
     err = run_error(['finetune', '--out', out, '--mix', '1.5'], capsys)
@@ -1359,7 +1359,7 @@ def test_quick_pipeline_fills_every_row(tmp_path):
     table = [[c.strip() for c in r] for r in rows if len(r) == 16]
     runs = {(r[0], r[1]) for r in table}
     core = {('raster.pt', 'raster'), ('any_ft.pt', 'random'), ('oar_paper.pt', 'oar positions self'),
-            ('oar_paper.pt', 'oar positions any.pt lam 0.1'), ('oar.pt', 'oar positions head'),
+            ('oar_paper.pt', 'oar positions any.pt lam 3'), ('oar.pt', 'oar positions head'),
             ('oar_mix.pt', 'oar positions self')}
     v2 = {('any_cond.pt', f'{o} cfg {s}') for o in ('random', 'oar') for s in (1, 2)}
     v2 |= {('local.pt', 'random'), ('local.pt', 'oar'), ('oar_r2.pt', 'oar positions head')}
