@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The paper's comparison on Fashion-MNIST, end to end: tokenize, train the raster baseline and the any-order
 # model, extract an order per training image, fine-tune on those orders (the paper's way; ours, with a position
-# head; the paper's with a share of random orders; and on random orders only, the any-order baseline at the same
-# budget), draw
-# pictures, and measure FID, KID, precision, recall, mean jump, order diversity, held-out bits per token and
-# sampling speed for each position rule. Writes OUT/results.md (the table and the wall time of every step),
+# head; and on random orders only, the any-order baseline at the same budget), draw pictures, and measure FID,
+# KID, precision, recall, mean jump, order diversity, held-out bits per token and sampling speed for each
+# position rule. Writes OUT/results.md (the table and the wall time of every step),
 # OUT/summary.md, sample grids, order maps and GIFs. Re-running resumes: finished checkpoints and orders are kept.
 #
-#   bash train.sh                # the comparison (about 37 minutes on 2 CPU cores) -> out/results.md
-#   PART=all bash train.sh       # then the v2 steps: classes with guidance, local orders, a second round, inpainting
+#   bash train.sh                # the comparison (about 30 minutes on 2 CPU cores) -> out/results.md
+#   PART=all bash train.sh       # then the other position rules (the extractor's; the paper's after fine-tuning
+#                                # with a share MIX of random orders) and the v2 steps: classes with guidance,
+#                                # local orders, a second round, inpainting
 #   PART=v2 bash train.sh        # only the v2 steps, on a finished comparison in OUT
 #   QUICK=1 bash train.sh        # every step (PART=all) at tiny sizes, in about a minute: the tests run this
 #   OUT=elsewhere bash train.sh  # another output folder
@@ -63,34 +64,36 @@ if [ ! -f "$OUT/tokens.pt" ]; then step tokenize $PY oar.py tokenize --out "$OUT
 step "train raster" $PY oar.py train --out "$OUT" --order raster --steps $((STEPS + FT_STEPS)) "${MODEL[@]}" --eval-n $EVAL_N --resume
 step "train any-order" $PY oar.py train --out "$OUT" --order random --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
 step extract $PY oar.py extract --out "$OUT" --count $N_EXTRACT --eval-n $EVAL_N
-# four fine-tunings of any.pt, FT_STEPS each, on the same extracted orders: the paper's (no position head); ours,
-# with a position head (the finetune defaults: oar.pt, sampled by its head, one model); the paper's with a share
-# MIX of random orders (ours: does it rescue the paper's own rule?); and random orders only, so that the
-# any-order baseline gets the fine-tuned models' budget, STEPS + FT_STEPS, from the same start and schedule
+# three fine-tunings of any.pt, FT_STEPS each, on the same extracted orders: the paper's (no position head); ours,
+# with a position head (the finetune defaults: oar.pt, sampled by its head, one model); and random orders only, so
+# that the any-order baseline gets the fine-tuned models' budget, STEPS + FT_STEPS, from the same start and schedule
 step "finetune (the paper's)" $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --pos-head none --ckpt "$OUT/oar_paper.pt" --resume
 step "finetune (position head)" $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --resume
-step "finetune (mix $MIX)" $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --pos-head none --mix $MIX --ckpt "$OUT/oar_mix.pt" --resume
 step "finetune (random orders)" $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --pos-head none --mix 1 --ckpt "$OUT/any_ft.pt" --resume
-step "sample (pictures)" bash -c "for run in raster:raster:auto any_ft:random:auto oar:oar:head oar_paper:oar:self oar_paper:oar:extractor; do
+step "sample (pictures)" bash -c "for run in raster:raster:auto any_ft:random:auto oar:oar:head oar_paper:oar:self; do
     IFS=: read -r ckpt order positions <<< \$run
     $PY oar.py sample --out '$OUT' --ckpt '$OUT'/\$ckpt.pt --order \$order --positions \$positions --n 64 || exit 1; done"
 rm -f "$OUT/results.md" "$OUT/results.json" "$OUT/summary.md"
-# CKPT:oar:POSITIONS: who picks the positions. self: the model's own confidence (the paper's rule); extractor:
-# any.pt's confidence with extraction's --lam, the fine-tuned model draws the tokens (ours, two models); head: the
+# CKPT:oar:POSITIONS: who picks the positions. self: the model's own confidence (the paper's rule); head: the
 # model's position head (ours, one model). (The tokenizer's reconstructions, the floor, are left out: add --recon.)
 step "eval (FID, KID, precision, recall)" $PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --eval-n $EVAL_N "${REF[@]}" \
-  "$OUT/raster.pt:raster" "$OUT/any_ft.pt:random" "$OUT/oar_paper.pt:oar:self" "$OUT/oar_mix.pt:oar:self" \
-  "$OUT/oar_paper.pt:oar:extractor" "$OUT/oar.pt:oar:head"
+  "$OUT/raster.pt:raster" "$OUT/any_ft.pt:random" "$OUT/oar_paper.pt:oar:self" "$OUT/oar.pt:oar:head"
 fi
 
 if [ "$PART" != core ]; then
 EVAL=($PY oar.py eval --out "$OUT" --n $N_FID --seeds "${SEEDS[@]}" --eval-n $EVAL_N "${REF[@]}")
+# the other position rules, ours: the paper's fine-tuning with a share MIX of random orders (does it rescue the
+# paper's own rule?), and the extractor's rule (any.pt's confidence with extraction's --lam picks, the fine-tuned
+# model draws the tokens: two models)
+step "finetune (mix $MIX)" $PY oar.py finetune --out "$OUT" --steps $FT_STEPS --pos-head none --mix $MIX --ckpt "$OUT/oar_mix.pt" --resume
+step "eval (FID, the other position rules)" "${EVAL[@]}" "$OUT/oar_mix.pt:oar:self" "$OUT/oar_paper.pt:oar:extractor"
 step "train class-conditional" $PY oar.py train --out "$OUT" --order random --classes --ckpt "$OUT/any_cond.pt" \
   --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
 step "train local" $PY oar.py train --out "$OUT" --order local --steps $STEPS "${MODEL[@]}" --eval-n $EVAL_N --resume
 step "distill round 2" $PY oar.py distill --out "$OUT" --rounds 2 --count $N_EXTRACT --steps $FT_STEPS --eval-n $EVAL_N --resume
 step "sample (pictures, v2)" bash -c "for cfg in 1 2; do
     $PY oar.py sample --out '$OUT' --ckpt '$OUT/any_cond.pt' --order oar --n 60 --cfg \$cfg || exit 1; done
+  $PY oar.py sample --out '$OUT' --ckpt '$OUT/oar_paper.pt' --order oar --positions extractor --n 64 &&
   $PY oar.py sample --out '$OUT' --ckpt '$OUT/local.pt' --order oar --n 64 &&
   $PY oar.py sample --out '$OUT' --ckpt '$OUT/oar_r2.pt' --order oar --n 64 &&
   $PY oar.py inpaint --out '$OUT' --mask outside --n 8 && $PY oar.py inpaint --out '$OUT' --mask top --n 8"
