@@ -191,6 +191,15 @@ def test_tokenizer_roundtrip_exact_on_centroid_patches():
     assert torch.equal(state.decode(codes), tok.decode(codes))
 
 
+def test_kmeans_seeding_draws_what_scipys_does():
+    """Our incremental k-means++ seeding gives scipy's kmeans2(minit='++') codebook bit for bit."""
+    from scipy.cluster.vq import kmeans2
+    data = np.random.default_rng(5).normal(size=(3000, 4))
+    theirs, _ = kmeans2(data, 24, iter=3, minit='++', rng=np.random.default_rng(7))
+    start = vqgan._kmeans_pp(data, 24, np.random.default_rng(7))
+    ours, _ = kmeans2(data, start, iter=3, minit='matrix')
+    assert np.array_equal(ours, theirs) and len(np.unique(start, axis=0)) == 24
+
 # ----------------------------------------------------------------------------- training, checkpoints, errors
 
 def test_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
