@@ -11,7 +11,7 @@
 #                                # with a share MIX of random orders) and the v2 steps: classes with guidance,
 #                                # local orders, a second round, inpainting
 #   PART=v2 bash train.sh        # only the v2 steps, on a finished comparison in OUT
-#   QUICK=1 bash train.sh        # every step (PART=all) at tiny sizes, in about a minute: the tests run this
+#   QUICK=1 bash train.sh        # every step (PART=all) at tiny sizes, in about 4 minutes: the tests run this
 #   OUT=elsewhere bash train.sh  # another output folder
 #
 # Sizes, from the environment: STEPS (any-order training steps), FT_STEPS (fine-tuning steps; the raster model
