@@ -1400,9 +1400,11 @@ def load_inception(path, device):
 
 
 @torch.no_grad()
-def inception_features(net, images, device, batch=32, desc='inception'):
+def inception_features(net, images, device, batch=None, desc='inception'):
     """uint8 images (n, C, H, W) -> (n, D) float64 features. Grey becomes RGB, bilinear resize to
     299 x 299, then x / 128 - 1: the [-1, 1) range the TF-Inception was trained with."""
+    # on a CPU small batches stay in cache: 4 images run 1.5x faster than 32, with the same features
+    batch = batch or (4 if torch.device(device).type == 'cpu' else 64)
     feats = []
     for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
         x = images[i:i + batch].to(device).float().expand(-1, 3, -1, -1)

@@ -6,7 +6,7 @@
 # position rule. Writes OUT/results.md (the table and the wall time of every step),
 # OUT/summary.md, sample grids, order maps and GIFs. Re-running resumes: finished checkpoints and orders are kept.
 #
-#   bash train.sh                # the comparison (about 40 minutes on 2 CPU cores) -> out/results.md
+#   bash train.sh                # the comparison (about 26 minutes on 2 CPU cores) -> out/results.md
 #   PART=all bash train.sh       # then the other position rules (the extractor's; the paper's after fine-tuning
 #                                # with a share MIX of random orders) and the v2 steps: classes with guidance,
 #                                # local orders, a second round, inpainting
