@@ -1341,6 +1341,9 @@ def test_fid_real_inception_weights():
     real = blob_images(24)
     feats = oar.inception_features(net, real, 'cpu')
     assert feats.shape == (24, 2048) and np.isfinite(feats).all()
+    # the CPU default feeds a few images at a time for speed: the features must not depend on the batch
+    whole = oar.inception_features(net, real, 'cpu', batch=24)
+    assert np.abs(feats - whole).max() < 1e-4, f"batch 4 against 24: max difference {np.abs(feats - whole).max()}"
     ref = oar.feature_stats(feats)
     clean = oar.frechet_distance(*ref, *ref)
     noisy = oar.frechet_distance(*oar.feature_stats(oar.inception_features(net, noised(real, 60), 'cpu')), *ref)
