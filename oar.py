@@ -1403,7 +1403,7 @@ def load_inception(path, device):
 def inception_features(net, images, device, batch=None, desc='inception'):
     """uint8 images (n, C, H, W) -> (n, D) float64 features. Grey becomes RGB, bilinear resize to
     299 x 299, then x / 128 - 1: the [-1, 1) range the TF-Inception was trained with."""
-    # on a CPU small batches stay in cache: 4 images run 1.5x faster than 32, with the same features
+    # small batches stay in cache on a CPU: 1.3x faster than 32 (docs/speed.md), same features
     batch = batch or (4 if torch.device(device).type == 'cpu' else 64)
     feats = []
     for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
