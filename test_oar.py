@@ -734,6 +734,14 @@ def test_extract_finetune_sample_pipeline(tiny_run, tmp_path, monkeypatch, capsy
     assert resumed['filled'].all() and torch.equal(resumed['orders'], straight['orders'])
     assert is_permutation(resumed['orders'].long()) and is_permutation(resumed['test_orders'].long())
     assert '| extracted |' in capsys.readouterr().out
+    # the test orders are made --batch-size at a time: two batches of 8 give the orders of one of 16
+    sizes = []
+    monkeypatch.setattr(oar, 'generate', lambda model, B, **k: sizes.append(B) or real_generate(model, B, **k))
+    oar.main(extract[:5] + ['--batch-size', '8', '--eval-n', '16', '--orders', f'{out}/small.pt'])
+    monkeypatch.setattr(oar, 'generate', real_generate)
+    assert sizes == [8] * 8  # 48 training images, then 16 test images
+    small = torch.load(f'{out}/small.pt', weights_only=True)
+    assert torch.equal(small['test_orders'], straight['test_orders']) and torch.equal(small['orders'], straight['orders'])
 
     # fine-tuning lowers the loss under the extracted orders
     data = oar.load_tokens(oar.build_parser().parse_args(['sample', '--out', out]))
