@@ -848,9 +848,8 @@ def extract(args):
               f"{f' on rank 0 of {world}' if world > 1 else ''})")
     if world > 1 and not merge_shards(args.orders, orders_file, rank):
         return
-    # held-out report: the same extraction on test images, --batch-size at a time (all of them in
-    # one batch ran at half the speed per image at 14 x 14), then their bits per token under each
-    # order
+    # held-out report: the test images' orders, --batch-size at a time (one batch of all ran at
+    # half the speed at 14 x 14), then their bits per token under each order kind
     if 'test_orders' not in orders_file:
         test_orders = []
         for i in tqdm(range(0, len(test), args.batch_size), desc='extract (test images)'):
