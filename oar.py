@@ -791,8 +791,7 @@ def inpaint(args):
 def heldout_positions(model, codes, orders, labels=None, batch=256):
     """The head (ours) on held-out extracted orders: (order bits per token, -log2 p(s | x) / N;
     top-1 agreement with the extractor). + token bits: -log2 p(x, s) / N, like raster's."""
-    model.eval()
-    dev, nats, hits = next(model.parameters()).device, 0.0, 0
+    dev, nats, hits = next(model.eval().parameters()).device, 0.0, 0
     for i in range(0, len(codes), batch):
         order = orders[i:i + batch].to(dev)
         y = None if labels is None else labels[i:i + batch].to(dev)
@@ -1080,7 +1079,8 @@ def tokenize(args):
     if os.path.exists(path):
         raise OARError(f"{path} exists and the models in {args.out} were trained on it: "
                        f"tokenize into another --out, or delete it first")
-    ds, dev, t0 = open_dataset(args.data, args.image_size), pick_device(args.device), time.time()
+    ds, t0 = open_dataset(args.data, args.image_size), time.time()
+    dev = pick_device(args.device if args.tokenizer == 'vqgan' else 'cpu')  # k-means: on the CPU
     if args.tokenizer == 'vqgan':
         tok = vqgan.load_vqgan(args.vqgan_ckpt, dev)  # taming's last.ckpt (docs/gpu.md)
     else:

