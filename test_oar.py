@@ -731,6 +731,28 @@ def test_extract_finetune_sample_pipeline(tiny_ft_run, tmp_path, capsys):
     assert not torch.equal(c1, c3)
 
 
+def test_the_remaining_flags_do_what_they_say(tiny_ft_run, tmp_path):
+    """--temperature 0 is greedy (no seed changes it) and --top-k 1 is greedy too; --lam pulls the paper's
+    rule toward short jumps; --dropout and --min-lr reach the model and the schedule."""
+    out = copy_run(tiny_ft_run, tmp_path)
+    sample = ['sample', '--out', out, '--ckpt', f'{out}/any.pt', '--n', '8']
+    greedy, _ = oar.main(sample + ['--temperature', '0'])
+    assert torch.equal(oar.main(sample + ['--temperature', '0', '--seed', '1'])[0], greedy)
+    assert torch.equal(oar.main(sample + ['--top-k', '1', '--seed', '2'])[0], greedy)
+    assert not torch.equal(oar.main(sample + ['--seed', '2'])[0], greedy)
+    _, near = oar.main(sample + ['--positions', 'self', '--lam', '100'])
+    _, free = oar.main(sample + ['--positions', 'self'])
+    assert oar.mean_jump(near, 4) < oar.mean_jump(free, 4) - 0.3, (oar.mean_jump(near, 4), oar.mean_jump(free, 4))
+    train = ['train', '--out', out, '--steps', '4', *TINY]
+    oar.main(train + ['--ckpt', f'{out}/plain.pt'])
+    oar.main(train + ['--ckpt', f'{out}/dropout.pt', '--dropout', '0.5'])
+    oar.main(train + ['--ckpt', f'{out}/min_lr.pt', '--min-lr', '0.5'])
+    plain, dropout, min_lr = (load(f'{out}/{n}.pt') for n in ('plain', 'dropout', 'min_lr'))
+    assert dropout['config']['dropout'] == 0.5 and plain['config']['dropout'] == 0
+    for other in (dropout, min_lr):
+        assert any(not torch.equal(plain['model'][k], other['model'][k]) for k in plain['model'])
+
+
 def test_finetune_records_its_orders_and_refuses_others(tiny_ft_run, tmp_path, capsys):
     out = copy_run(tiny_ft_run, tmp_path)
     tuned = load(f'{out}/oar.pt')
