@@ -417,9 +417,9 @@ def start_training(args, cfg, record, procs, n, init=None):
         opt.load_state_dict(ckpt['optim'])
     elif init is not None:
         model.load_state_dict(init, strict=False)
-    print(f"{record['order']} orders: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, {n} images of {cfg.grid_h}x{cfg.grid_w} codes, {dev} x {world}"
-          ) if rank == 0 else None
+    if rank == 0:
+        print(f"{record['order']} orders: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+              f" parameters, {n} images of {cfg.grid_h}x{cfg.grid_w} codes, {dev} x {world}")
     return model, opt, ckpt['step'] if ckpt else 0
 
 
@@ -562,16 +562,17 @@ def extract(args):
         print(f"{sum(j - i for i, j in todo) / (time.time() - t0):.1f} images/s extracted")
     if world > 1:  # rank 0 merges every process's shard into the one orders file
         dist.barrier()
-        done = read_orders(args.orders, data['meta'], setting, shards=world)
         dist.destroy_process_group()
         if rank > 0:
             return
+        done = read_orders(args.orders, data['meta'], setting, shards=world)
     test, test_labels = data['test'].flatten(1)[:args.eval_n], data['test_labels'].long()
     if 'test_orders' not in done:  # --batch-size at a time: one batch of all runs slower
         done['test_orders'] = torch.cat([extract_rows(test, test_labels, i, i + args.batch_size)
                                          for i in range(0, len(test), args.batch_size)])
     write_atomic(args.orders, done)
-    [os.remove(f"{args.orders}.shard{r}") for r in range(world if world > 1 else 0)]
+    for r in range(world if world > 1 else 0):  # the shards, merged
+        os.remove(f"{args.orders}.shard{r}")
     print(order_report(model, test, done['test_orders'].long(), done['orders'].long(),
                        test_labels[:len(test)] if n_class else None) + f"\nsaved {args.orders}")
 
@@ -622,8 +623,7 @@ def finetune(args):
 # ------------------------------------------------------------------ 7. sampling, and the pictures
 
 def sample(args):
-    """--n images from the checkpoint in raster, random or OAR order: a PNG grid, eight beside
-    their order maps, a GIF of one filling in; speed, mean jump and order diversity."""
+    """--n images in raster, random or OAR order: a PNG grid, order maps, a GIF, statistics."""
     data, dev, tok, model = open_run(args, args.ckpt)
     H, W = data['meta']['grid']
     g = torch.Generator().manual_seed(args.seed)
@@ -1031,8 +1031,8 @@ def open_dataset(data_dir, image_size):
                  for f in FMNIST_FILES]
         if all(files):
             arrays = [torch.from_numpy(read_idx(p).copy()) for p in files]
-            size, h = image_size or arrays[0].shape[-1], hashlib.sha1()
-            [h.update(a.numpy().tobytes()) for a in arrays]
+            size = image_size or arrays[0].shape[-1]
+            h = hashlib.sha1(b''.join(a.numpy().tobytes() for a in arrays))  # what the data is
             return dict(name='fashion-mnist', dir=os.path.abspath(d), classes=list(range(10)),
                         image_size=size, id=h.hexdigest()[:16],
                         train=Split(arrays[1].long(), size, images=arrays[0][:, None]),
@@ -1243,10 +1243,10 @@ def dist_setup(device='auto'):
 
 def mean_finite_loss(loss, world, step, ckpt):
     """The loss averaged over processes; a NaN stops all of them before a save."""
-    if world > 1:
+    if world > 1:  # every process sees the mean, so that all stop together
         loss = loss.detach().clone()
-        dist.all_reduce(loss)  # the sum; /world below
-    loss = loss / world
+        dist.all_reduce(loss)
+        loss = loss / world
     if not torch.isfinite(loss):
         kept = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else 'none was saved'
         raise OARError(f"loss is {loss.item()} at step {step}: lower --lr; {kept}")
@@ -1292,10 +1292,10 @@ def bench(args):
     cfg = GPTConfig(vocab_size=args.vocab, grid_h=args.grid, grid_w=args.grid,
                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, pos_head='mlp')
     model, (B, N) = OAR(cfg).to(dev), (args.batch, cfg.n_pos)
-    g, sync = torch.Generator().manual_seed(0), getattr(torch.cuda, 'synchronize', None)
+    g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, cfg.vocab_size, (B, N), generator=g).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == 'cuda')
-    sync = sync if dev.type == 'cuda' else lambda: None
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
 
     def timed(fn, repeat=args.repeat):  # seconds per call, after a warm-up call
         fn(), sync()
